@@ -1,0 +1,280 @@
+"""How one Dagster run syncs the selected CRM resources: decisions (pure) and the run itself.
+
+The decisions are small pure functions that the asset, the sensors and the unit tests call:
+
+* ``plan_sync`` picks the mode per resource (the requested one, or a full refresh when the
+  warehouse lost a table whose cursor survived, i.e. an interrupted full refresh).
+* ``trigger_for_run`` names what started a run (``ui``, ``cli``, ``schedule``, a sensor name).
+
+``run_crm_sync`` is the body of the ``@dlt_assets`` function: it builds the real source with the
+injected key, runs it through ``DagsterDltResource.run`` once per mode, and yields one
+``MaterializeResult`` per asset with the metadata a data engineer needs. Every failure surfaces
+as a ``CrmSyncError`` whose message is redacted.
+
+Environment variables: none (settings are passed in).
+"""
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dagster as dg
+from dagster_dlt import DagsterDltResource, DagsterDltTranslator
+
+from crm_assets.contract import CURSOR_FIELD, RESOURCES_BY_NAME, CrmResource
+from crm_assets.pagination import ResourceSyncStats
+from crm_assets.redaction import CrmSyncError, redacted_error, redacted_logging
+from crm_assets.resources import CrmApiResource, CrmConfigurationError, CrmWarehouseResource
+from crm_assets.settings import CrmSettings
+from crm_assets.source import SYNC_MODES, SyncMode, build_crm_source
+
+SYNC_MODE_TAG = "crm/sync_mode"
+TRIGGER_TAG = "crm/trigger"
+ASSET_KEY_PREFIX = "crm"
+
+
+class CrmSyncConfig(dg.Config):
+    """Run config of the CRM assets: ``incremental`` (default) or ``full_refresh``."""
+
+    sync_mode: SyncMode = "incremental"
+
+
+def asset_key_for(resource_name: str) -> dg.AssetKey:
+    """``crm/<resource>``."""
+    return dg.AssetKey([ASSET_KEY_PREFIX, resource_name])
+
+
+def resource_name_for(key: dg.AssetKey) -> str:
+    """The CRM resource of an asset key ``crm/<resource>``."""
+    return key.path[-1]
+
+
+# --- decisions ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResourceSnapshot:
+    """What the warehouse knows about one resource before a run."""
+
+    resource: str
+    cursor: str | None = None
+    row_count: int | None = None  # None: the table does not exist
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    """The mode one resource is synced in, and why."""
+
+    resource: str
+    mode: SyncMode
+    reason: str
+
+
+def plan_resource(requested: SyncMode, snapshot: ResourceSnapshot) -> ResourcePlan:
+    """The mode for one resource given the requested mode and the warehouse's state."""
+    if requested not in SYNC_MODES:
+        raise ValueError(f"sync mode must be one of {SYNC_MODES}, got {requested!r}")
+    name = snapshot.resource
+    if requested == "full_refresh":
+        return ResourcePlan(name, "full_refresh", "full refresh requested")
+    if snapshot.cursor is None:
+        return ResourcePlan(name, "incremental", "no cursor yet: the first run reads everything")
+    if not snapshot.row_count:
+        return ResourcePlan(
+            name,
+            "full_refresh",
+            "a cursor exists but the table is missing or empty (an interrupted full refresh?): "
+            "re-reading everything",
+        )
+    return ResourcePlan(name, "incremental", f"changes since {snapshot.cursor}")
+
+
+def plan_sync(requested: SyncMode, snapshots: Sequence[ResourceSnapshot]) -> list[ResourcePlan]:
+    """``plan_resource`` for every selected resource."""
+    return [plan_resource(requested, s) for s in snapshots]
+
+
+def trigger_for_run(tags: Mapping[str, str]) -> str:
+    """What started a run: an explicit ``crm/trigger`` tag, else schedule, sensor or backfill
+    from Dagster's own tags, else ``ui`` (``dagster job execute`` passes ``crm/trigger=cli``)."""
+    if tags.get(TRIGGER_TAG):
+        return tags[TRIGGER_TAG]
+    if tags.get("dagster/schedule_name"):
+        return "schedule"
+    if tags.get("dagster/sensor_name"):
+        return tags["dagster/sensor_name"]
+    if tags.get("dagster/backfill"):
+        return "backfill"
+    return "ui"
+
+
+def cursor_of(resource_state: Mapping[str, Any] | None) -> str | None:
+    """The committed ``updated_at`` cursor in a dlt resource state, if any."""
+    if not resource_state:
+        return None
+    value = resource_state.get("incremental", {}).get(CURSOR_FIELD, {}).get("last_value")
+    return None if value is None else str(value)
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def _metadata_for(
+    resource: str,
+    plan: ResourcePlan,
+    trigger: str,
+    stats: ResourceSyncStats,
+    dlt_metadata: Mapping[str, Any],
+    cursor_before: str | None,
+    cursor_after: str | None,
+    row_count: int | None,
+    duration_s: float,
+    load_id: str | None,
+) -> dict[str, Any]:
+    rows_loaded = dlt_metadata.get("rows_loaded")
+    if isinstance(rows_loaded, dg.IntMetadataValue):
+        rows_loaded = rows_loaded.value
+    metadata: dict[str, Any] = {
+        **{k: v for k, v in dlt_metadata.items() if k != "rows_loaded"},
+        "rows_loaded": dg.MetadataValue.int(int(rows_loaded or 0)),
+        "sync_mode": plan.mode,
+        "sync_mode_reason": plan.reason,
+        "trigger": trigger,
+        "cursor_before": cursor_before or "",
+        "cursor_after": cursor_after or "",
+        "api_total": dg.MetadataValue.int(stats.api_total or 0),
+        "pages": dg.MetadataValue.int(stats.pages),
+        "http_requests": dg.MetadataValue.int(stats.http_attempts),
+        "retries": dg.MetadataValue.int(stats.retries),
+        "read_passes": dg.MetadataValue.int(stats.passes),
+        "duration_s": dg.MetadataValue.float(round(duration_s, 3)),
+        "load_id": load_id or "",
+    }
+    if row_count is not None:
+        metadata["dagster/row_count"] = dg.MetadataValue.int(row_count)
+    return metadata
+
+
+def run_crm_sync(
+    context: dg.AssetExecutionContext,
+    dlt: DagsterDltResource,
+    crm_api: CrmApiResource,
+    warehouse: CrmWarehouseResource,
+    config: CrmSyncConfig,
+    settings: CrmSettings,
+    translator: DagsterDltTranslator,
+) -> Iterator[dg.MaterializeResult]:
+    """Syncs the selected resources and yields one ``MaterializeResult`` per asset.
+
+    Errors are raised as ``CrmSyncError`` with secrets removed and without the original chain.
+    """
+    redactor = crm_api.redactor()
+    results: list[dg.MaterializeResult] = []
+    failure: BaseException | None = None
+    with redacted_logging(redactor):
+        try:
+            results = _sync(context, dlt, crm_api, warehouse, config, settings, translator)
+        except (CrmConfigurationError, CrmSyncError) as exc:
+            failure = CrmSyncError(redactor.redact(str(exc)))
+        except Exception as exc:  # noqa: BLE001 - re-raised redacted below
+            names = ", ".join(resource_name_for(k) for k in context.selected_asset_keys)
+            failure = redacted_error(
+                exc,
+                redactor,
+                f"CRM sync of {names} failed; the warehouse keeps its previous committed state "
+                "and the next run catches up.",
+            )
+    if failure is not None:
+        # Raised outside the except block so the original exception is not attached as context.
+        raise failure
+    yield from results
+
+
+def _sync(
+    context: dg.AssetExecutionContext,
+    dlt: DagsterDltResource,
+    crm_api: CrmApiResource,
+    warehouse: CrmWarehouseResource,
+    config: CrmSyncConfig,
+    settings: CrmSettings,
+    translator: DagsterDltTranslator,
+) -> list[dg.MaterializeResult]:
+    api_key = crm_api.require_key()
+    selected: list[CrmResource] = [
+        RESOURCES_BY_NAME[resource_name_for(k)] for k in sorted(context.selected_asset_keys)
+    ]
+    names = [r.name for r in selected]
+    trigger = trigger_for_run(context.run.tags)
+    missing_tags = {
+        k: v
+        for k, v in {SYNC_MODE_TAG: config.sync_mode, TRIGGER_TAG: trigger}.items()
+        if k not in context.run.tags
+    }
+    if missing_tags:
+        context.instance.add_run_tags(context.run_id, missing_tags)
+
+    results: list[dg.MaterializeResult] = []
+    with warehouse.pipeline() as pipeline:
+        states = warehouse.resource_states(pipeline)
+        counts = warehouse.row_counts(pipeline, names)
+        snapshots = [ResourceSnapshot(n, cursor_of(states.get(n)), counts.get(n)) for n in names]
+        plans = {p.resource: p for p in plan_sync(config.sync_mode, snapshots)}
+        for plan in plans.values():
+            context.log.info(f"{plan.resource}: {plan.mode} ({plan.reason})")
+
+        for mode in SYNC_MODES:
+            group = [r for r in selected if plans[r.name].mode == mode]
+            if not group:
+                continue
+            stats = {r.name: ResourceSyncStats(r.name) for r in group}
+            source = build_crm_source(
+                crm_api.source_options(settings.lookback_seconds),
+                api_key,
+                mode,
+                group,
+                session=crm_api.build_session(stats),
+                stats=stats,
+                log=context.log.info,
+            )
+            started = time.monotonic()
+            run_kwargs: dict[str, Any] = {}
+            if mode == "full_refresh":
+                run_kwargs["refresh"] = "drop_resources"
+            if warehouse.file_format():
+                run_kwargs["loader_file_format"] = warehouse.file_format()
+            events = list(
+                dlt.run(
+                    context=context,
+                    dlt_source=source,
+                    dlt_pipeline=pipeline,
+                    dagster_dlt_translator=translator,
+                    **run_kwargs,
+                )
+            )
+            duration = time.monotonic() - started
+            load_ids = pipeline.last_trace.last_load_info.loads_ids if pipeline.last_trace else []
+            after_states = pipeline.state.get("sources", {}).get(source.name, {})
+            after_states = after_states.get("resources", {})
+            row_counts = warehouse.row_counts(pipeline, [r.name for r in group])
+            for event in events:
+                assert isinstance(event, dg.MaterializeResult) and event.asset_key is not None
+                name = resource_name_for(event.asset_key)
+                results.append(
+                    dg.MaterializeResult(
+                        asset_key=event.asset_key,
+                        metadata=_metadata_for(
+                            name,
+                            plans[name],
+                            trigger,
+                            stats[name],
+                            event.metadata or {},
+                            cursor_of(states.get(name)),
+                            cursor_of(after_states.get(name)),
+                            row_counts.get(name),
+                            duration,
+                            load_ids[-1] if load_ids else None,
+                        ),
+                    )
+                )
+    return results
