@@ -39,9 +39,7 @@ def contract_table_schema(resource: CrmResource) -> dg.TableSchema:
                 name=c.name,
                 type=c.type,
                 description=c.description or None,
-                constraints=dg.TableColumnConstraints(
-                    nullable=c.nullable, unique=c.name == "id"
-                ),
+                constraints=dg.TableColumnConstraints(nullable=c.nullable, unique=c.name == "id"),
             )
             for c in resource.columns
         ]

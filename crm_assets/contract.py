@@ -62,9 +62,7 @@ class CrmResource:
 COMMON_COLUMNS: tuple[CrmColumn, ...] = (
     CrmColumn("id", "text", description="Primary key, stable for the record's lifetime."),
     CrmColumn("created_at", "timestamp", description="When the record was created (UTC)."),
-    CrmColumn(
-        "updated_at", "timestamp", description="Last change (UTC); the incremental cursor."
-    ),
+    CrmColumn("updated_at", "timestamp", description="Last change (UTC); the incremental cursor."),
 )
 
 CRM_RESOURCES: tuple[CrmResource, ...] = (

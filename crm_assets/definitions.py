@@ -14,6 +14,7 @@ from crm_assets.assets import build_crm_assets
 from crm_assets.jobs import crm_full_refresh_job, crm_incremental_job
 from crm_assets.resources import CrmApiResource, CrmWarehouseResource
 from crm_assets.schedules import build_schedules
+from crm_assets.sensors import build_sensors
 from crm_assets.settings import CrmSettings, settings_from_env
 
 
@@ -23,11 +24,10 @@ def build_definitions(settings: CrmSettings) -> dg.Definitions:
         assets=[build_crm_assets(settings)],
         jobs=[crm_incremental_job, crm_full_refresh_job],
         schedules=build_schedules(settings),
+        sensors=build_sensors(settings),
         resources={
             "dlt": DagsterDltResource(),
-            "crm_api": CrmApiResource(
-                base_url=settings.base_url, api_key=dg.EnvVar("CRM_API_KEY")
-            ),
+            "crm_api": CrmApiResource(base_url=settings.base_url, api_key=dg.EnvVar("CRM_API_KEY")),
             "warehouse": CrmWarehouseResource(
                 destination=settings.destination,
                 duckdb_path=settings.duckdb_path,

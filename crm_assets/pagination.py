@@ -147,6 +147,7 @@ class RunLog:
         self._log = log
 
     def __call__(self, message: str) -> None:
+        """Logs ``message`` through the run's logger, if there is one."""
         if self._log is not None:
             self._log(message)
 

@@ -28,7 +28,13 @@ from dlt.sources.helpers.requests import Client, Session
 from pydantic import Field
 from requests.adapters import HTTPAdapter
 
-from crm_assets.contract import MAX_PAGE_SIZE, CrmResource
+from crm_assets.contract import (
+    CURSOR_FIELD,
+    MAX_PAGE_SIZE,
+    CrmResource,
+    format_timestamp,
+    parse_timestamp,
+)
 from crm_assets.pagination import ResourceSyncStats, validate_page_body
 from crm_assets.redaction import Redactor, redacted_error
 from crm_assets.settings import (
@@ -252,6 +258,20 @@ class CrmWarehouseResource(dg.ConfigurableResource):
                 except Exception:  # noqa: BLE001 - missing table
                     counts[table] = None
         return counts
+
+    def count_rows_since(self, pipeline: dlt.Pipeline, table: str, cursor: str) -> int:
+        """Rows of ``table`` whose ``updated_at`` is at or after ``cursor`` (0 without a table)."""
+        since = format_timestamp(parse_timestamp(cursor))  # validated: safe to inline
+        try:
+            with pipeline.sql_client() as client:
+                qualified = client.make_qualified_table_name(table)
+                rows = client.execute_sql(
+                    f"SELECT COUNT(*) FROM {qualified} "
+                    f"WHERE {CURSOR_FIELD} >= CAST('{since}' AS TIMESTAMP WITH TIME ZONE)"
+                )
+        except Exception:  # noqa: BLE001 - no dataset or table yet
+            return 0
+        return int(rows[0][0]) if rows else 0
 
     def resource_states(self, pipeline: dlt.Pipeline) -> dict[str, dict[str, Any]]:
         """The committed dlt resource states (cursor, full-refresh marker) from the destination."""
