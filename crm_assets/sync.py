@@ -18,12 +18,16 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import dagster as dg
+import dlt as dlt_lib
+import requests
 from dagster_dlt import DagsterDltResource, DagsterDltTranslator
 
 from crm_assets.contract import CURSOR_FIELD, RESOURCES_BY_NAME, CrmResource
-from crm_assets.pagination import ResourceSyncStats
+from crm_assets.pagination import CrmApiError, ResourceSyncStats
+from crm_assets.records import REJECTED_TABLE, RejectSink
 from crm_assets.redaction import CrmSyncError, redacted_error, redacted_logging
 from crm_assets.resources import CrmApiResource, CrmConfigurationError, CrmWarehouseResource
 from crm_assets.settings import CrmSettings
@@ -109,6 +113,42 @@ def trigger_for_run(tags: Mapping[str, str]) -> str:
     return "ui"
 
 
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _resource_of_url(url: str | None) -> str:
+    path = urlsplit(url or "").path.rstrip("/")
+    return path.rsplit("/", 1)[-1] or "the CRM API"
+
+
+def describe_failure(exc: BaseException) -> str | None:
+    """A one-line, key-free explanation of a known failure cause anywhere in ``exc``'s chain.
+
+    ``None`` when no known cause is found (the caller then lists the whole redacted chain).
+    """
+    for cause in _chain(exc):
+        if isinstance(cause, CrmApiError):
+            return str(cause)
+        if isinstance(cause, requests.HTTPError) and cause.response is not None:
+            status = cause.response.status_code
+            request = cause.response.request
+            resource = _resource_of_url(request.url if request else None)
+            if status in (401, 403):
+                return f"CRM rejected the API key ({status}) for {resource}"
+            return f"CRM API answered {status} for {resource} (after retries where transient)"
+        if isinstance(cause, requests.Timeout):
+            return "the CRM API did not answer in time (after retries)"
+        if isinstance(cause, requests.ConnectionError):
+            return "could not connect to the CRM API (after retries)"
+    return None
+
+
 def cursor_of(resource_state: Mapping[str, Any] | None) -> str | None:
     """The committed ``updated_at`` cursor in a dlt resource state, if any."""
     if not resource_state:
@@ -131,6 +171,8 @@ def _metadata_for(
     row_count: int | None,
     duration_s: float,
     load_id: str | None,
+    rejected: int,
+    new_columns: Sequence[str] = (),
 ) -> dict[str, Any]:
     rows_loaded = dlt_metadata.get("rows_loaded")
     if isinstance(rows_loaded, dg.IntMetadataValue):
@@ -150,10 +192,58 @@ def _metadata_for(
         "read_passes": dg.MetadataValue.int(stats.passes),
         "duration_s": dg.MetadataValue.float(round(duration_s, 3)),
         "load_id": load_id or "",
+        "rejected_records": dg.MetadataValue.int(rejected),
+        "new_columns": ", ".join(new_columns),
     }
     if row_count is not None:
         metadata["dagster/row_count"] = dg.MetadataValue.int(row_count)
     return metadata
+
+
+def new_columns_of(pipeline: Any, resource: CrmResource) -> list[str]:
+    """Columns the warehouse table has beyond the contract (new API fields), sorted."""
+    try:
+        columns = pipeline.default_schema.get_table_columns(resource.name)
+    except Exception:  # noqa: BLE001 - no schema or table yet
+        return []
+    known = {c.name for c in resource.columns}
+    return sorted(c for c in columns if c not in known and not c.startswith("_dlt"))
+
+
+def write_rejects(context: dg.AssetExecutionContext, pipeline: Any, rejects: RejectSink) -> None:
+    """Appends the run's rejected records to ``_rejected_records`` and warns about them.
+
+    Runs right after the main load committed. Should this write fail, the run fails and its
+    error names every rejected record (resource, id, reason), so none is lost silently.
+    """
+    rows = [r.as_row() for r in rejects.rejected]
+    for record in rejects.rejected:
+        context.log.warning(
+            f"{record.resource}: record {record.record_id or '<no id>'} rejected "
+            f"({record.reason}); kept in {REJECTED_TABLE}"
+        )
+    quarantine = dlt_lib.resource(
+        rows,
+        name=REJECTED_TABLE,
+        table_name=REJECTED_TABLE,
+        write_disposition="append",
+        columns={
+            "resource": {"data_type": "text", "nullable": False},
+            "record_id": {"data_type": "text", "nullable": True},
+            "reason": {"data_type": "text", "nullable": False},
+            "raw_json": {"data_type": "text", "nullable": False},
+            "rejected_at": {"data_type": "timestamp", "nullable": False},
+        },
+    )
+    try:
+        pipeline.run(quarantine)
+    except Exception as exc:
+        listed = "; ".join(
+            f"{r.resource}/{r.record_id or '<no id>'}: {r.reason}" for r in rejects.rejected
+        )
+        raise CrmSyncError(
+            f"could not store {len(rows)} rejected record(s) in {REJECTED_TABLE} ({listed})"
+        ) from exc
 
 
 def run_crm_sync(
@@ -178,13 +268,12 @@ def run_crm_sync(
         except (CrmConfigurationError, CrmSyncError) as exc:
             failure = CrmSyncError(redactor.redact(str(exc)))
         except Exception as exc:  # noqa: BLE001 - re-raised redacted below
-            names = ", ".join(resource_name_for(k) for k in context.selected_asset_keys)
-            failure = redacted_error(
-                exc,
-                redactor,
-                f"CRM sync of {names} failed; the warehouse keeps its previous committed state "
-                "and the next run catches up.",
-            )
+            names = ", ".join(resource_name_for(k) for k in sorted(context.selected_asset_keys))
+            cause = describe_failure(exc)
+            headline = f"CRM sync of {names} failed"
+            headline += f": {cause}." if cause else "."
+            headline += " The warehouse keeps its last committed state; the next run catches up."
+            failure = redacted_error(exc, redactor, redactor.redact(headline))
     if failure is not None:
         # Raised outside the except block so the original exception is not attached as context.
         raise failure
@@ -228,6 +317,7 @@ def _sync(
             if not group:
                 continue
             stats = {r.name: ResourceSyncStats(r.name) for r in group}
+            rejects = RejectSink()
             source = build_crm_source(
                 crm_api.source_options(settings.lookback_seconds),
                 api_key,
@@ -236,6 +326,7 @@ def _sync(
                 session=crm_api.build_session(stats),
                 stats=stats,
                 log=context.log.info,
+                rejects=rejects,
             )
             started = time.monotonic()
             run_kwargs: dict[str, Any] = {}
@@ -254,12 +345,20 @@ def _sync(
             )
             duration = time.monotonic() - started
             load_ids = pipeline.last_trace.last_load_info.loads_ids if pipeline.last_trace else []
+            if rejects.rejected:
+                write_rejects(context, pipeline, rejects)
             after_states = pipeline.state.get("sources", {}).get(source.name, {})
             after_states = after_states.get("resources", {})
             row_counts = warehouse.row_counts(pipeline, [r.name for r in group])
             for event in events:
                 assert isinstance(event, dg.MaterializeResult) and event.asset_key is not None
                 name = resource_name_for(event.asset_key)
+                new_columns = new_columns_of(pipeline, RESOURCES_BY_NAME[name])
+                if new_columns:
+                    context.log.warning(
+                        f"{name}: the API sent fields the contract does not list; loaded as new "
+                        f"columns: {', '.join(new_columns)}"
+                    )
                 results.append(
                     dg.MaterializeResult(
                         asset_key=event.asset_key,
@@ -274,6 +373,8 @@ def _sync(
                             row_counts.get(name),
                             duration,
                             load_ids[-1] if load_ids else None,
+                            rejects.count(name),
+                            new_columns,
                         ),
                     )
                 )
