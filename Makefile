@@ -29,7 +29,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 dev: $(STAMP)
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1
+	$(BIN)/python -m crm_assets.demo --init-home data/dagster_home
+	DAGSTER_HOME=$(CURDIR)/data/dagster_home $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

@@ -23,6 +23,23 @@ from crm_assets.contract import RESOURCE_NAMES
 from crm_assets.sandbox import DEFAULT_SANDBOX_API_KEY, SandboxServer
 from crm_assets.settings import DEFAULT_DUCKDB_PATH, settings_from_env
 
+LOCAL_DAGSTER_YAML = """\
+# Written by crm_assets for local runs (make demo / make dev); edit freely.
+# One CRM sync step at a time: dlt has no lock and DuckDB allows a single writer.
+concurrency:
+  pools:
+    default_limit: 1
+"""
+
+
+def ensure_local_dagster_home(home: Path) -> Path:
+    """Creates ``home`` with a ``dagster.yaml`` limiting the sync pool to 1, if it has none."""
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(LOCAL_DAGSTER_YAML)
+    return home
+
 
 def _dagster_cli() -> str:
     candidate = Path(sys.executable).with_name("dagster")
@@ -51,13 +68,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=1000, help="records per resource")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--init-home", metavar="DIR", help="only create a local DAGSTER_HOME in DIR and exit"
+    )
     args = parser.parse_args(argv)
+    if args.init_home:
+        ensure_local_dagster_home(Path(args.init_home))
+        return 0
 
     env = dict(os.environ)
     env.setdefault("CRM_DUCKDB_PATH", DEFAULT_DUCKDB_PATH)
-    home = Path(env.setdefault("DAGSTER_HOME", str(Path("data/dagster_home").absolute())))
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "dagster.yaml").touch()
+    ensure_local_dagster_home(
+        Path(env.setdefault("DAGSTER_HOME", str(Path("data/dagster_home").absolute())))
+    )
     duckdb_path = Path(env["CRM_DUCKDB_PATH"])
 
     with SandboxServer(records=args.records, seed=args.seed) as sandbox:

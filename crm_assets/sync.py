@@ -260,24 +260,33 @@ def run_crm_sync(
     Errors are raised as ``CrmSyncError`` with secrets removed and without the original chain.
     """
     redactor = crm_api.redactor()
-    results: list[dg.MaterializeResult] = []
     failure: BaseException | None = None
     with redacted_logging(redactor):
-        try:
-            results = _sync(context, dlt, crm_api, warehouse, config, settings, translator)
-        except (CrmConfigurationError, CrmSyncError) as exc:
-            failure = CrmSyncError(redactor.redact(str(exc)))
-        except Exception as exc:  # noqa: BLE001 - re-raised redacted below
-            names = ", ".join(resource_name_for(k) for k in sorted(context.selected_asset_keys))
-            cause = describe_failure(exc)
-            headline = f"CRM sync of {names} failed"
-            headline += f": {cause}." if cause else "."
-            headline += " The warehouse keeps its last committed state; the next run catches up."
-            failure = redacted_error(exc, redactor, redactor.redact(headline))
+        # Results are yielded as each dlt load commits (a run may load twice: full refresh for
+        # some resources, incremental for others), so a later failure cannot hide a commit.
+        results = _sync(context, dlt, crm_api, warehouse, config, settings, translator)
+        while True:
+            try:
+                result = next(results)
+            except StopIteration:
+                break
+            except (CrmConfigurationError, CrmSyncError) as exc:
+                failure = CrmSyncError(redactor.redact(str(exc)))
+                break
+            except Exception as exc:  # noqa: BLE001 - re-raised redacted below
+                names = ", ".join(resource_name_for(k) for k in sorted(context.selected_asset_keys))
+                cause = describe_failure(exc)
+                headline = f"CRM sync of {names} failed"
+                headline += f": {cause}." if cause else "."
+                headline += (
+                    " The warehouse keeps its last committed state; the next run catches up."
+                )
+                failure = redacted_error(exc, redactor, redactor.redact(headline))
+                break
+            yield result
     if failure is not None:
         # Raised outside the except block so the original exception is not attached as context.
         raise failure
-    yield from results
 
 
 def _sync(
@@ -288,7 +297,7 @@ def _sync(
     config: CrmSyncConfig,
     settings: CrmSettings,
     translator: DagsterDltTranslator,
-) -> list[dg.MaterializeResult]:
+) -> Iterator[dg.MaterializeResult]:
     api_key = crm_api.require_key()
     selected: list[CrmResource] = [
         RESOURCES_BY_NAME[resource_name_for(k)] for k in sorted(context.selected_asset_keys)
@@ -303,7 +312,6 @@ def _sync(
     if missing_tags:
         context.instance.add_run_tags(context.run_id, missing_tags)
 
-    results: list[dg.MaterializeResult] = []
     with warehouse.pipeline() as pipeline:
         states = warehouse.resource_states(pipeline)
         counts = warehouse.row_counts(pipeline, names)
@@ -359,23 +367,20 @@ def _sync(
                         f"{name}: the API sent fields the contract does not list; loaded as new "
                         f"columns: {', '.join(new_columns)}"
                     )
-                results.append(
-                    dg.MaterializeResult(
-                        asset_key=event.asset_key,
-                        metadata=_metadata_for(
-                            name,
-                            plans[name],
-                            trigger,
-                            stats[name],
-                            event.metadata or {},
-                            cursor_of(states.get(name)),
-                            cursor_of(after_states.get(name)),
-                            row_counts.get(name),
-                            duration,
-                            load_ids[-1] if load_ids else None,
-                            rejects.count(name),
-                            new_columns,
-                        ),
-                    )
+                yield dg.MaterializeResult(
+                    asset_key=event.asset_key,
+                    metadata=_metadata_for(
+                        name,
+                        plans[name],
+                        trigger,
+                        stats[name],
+                        event.metadata or {},
+                        cursor_of(states.get(name)),
+                        cursor_of(after_states.get(name)),
+                        row_counts.get(name),
+                        duration,
+                        load_ids[-1] if load_ids else None,
+                        rejects.count(name),
+                        new_columns,
+                    ),
                 )
-    return results
