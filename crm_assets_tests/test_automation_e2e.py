@@ -183,3 +183,23 @@ def test_sensor_preview_cli(harness: Harness, sandbox: SandboxClient) -> None:
     )
     assert "returning run requests for 1 run(s)" in out.stdout, out.stdout + out.stderr
     assert "sync_mode: full_refresh" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("tags", "mode", "trigger"),
+    [
+        ({}, "incremental", "ui"),  # the UI's "Materialize" sets no tags of ours
+        ({"crm/trigger": "cli"}, "full_refresh", "cli"),
+        ({"dagster/sensor_name": "crm_change_sensor"}, "incremental", "crm_change_sensor"),
+    ],
+)
+def test_runs_are_tagged_with_mode_and_trigger(
+    harness: Harness, tags: dict[str, str], mode: str, trigger: str
+) -> None:
+    result = harness.materialize(mode, resources=["accounts"], tags=tags)  # type: ignore[arg-type]
+    run = harness.instance.get_run_by_id(result.run_id)
+    assert run is not None
+    assert run.tags["crm/sync_mode"] == mode
+    assert run.tags["crm/trigger"] == trigger
+    (event,) = result.get_asset_materialization_events()
+    assert event.materialization.metadata["trigger"].value == trigger
