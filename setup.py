@@ -22,6 +22,12 @@ setup(
         "uvicorn[standard]>=0.30",
     ],
     extras_require={
+        # The code location image on Kubernetes (Dockerfile): run workers launched by the
+        # K8sRunLauncher load the instance, which names dagster_k8s.
+        "k8s": ["dagster-k8s==0.29.27"],
+        # Warehouse destinations other than DuckDB and PostgreSQL (docs/deploy.md).
+        "snowflake": ["dlt[snowflake]>=1.31,<1.32"],
+        "bigquery": ["dlt[bigquery]>=1.31,<1.32"],
         "dev": [
             "pytest>=8",
             "pytest-timeout>=2.3",

@@ -18,6 +18,7 @@ import dagster as dg
 from dagster_dlt import DagsterDltResource, DagsterDltTranslator, dlt_assets
 from dagster_dlt.translator import DltResourceTranslatorData
 from dlt import Pipeline
+from dlt.common.schema import Schema
 
 from crm_assets.contract import CrmResource, get_resource
 from crm_assets.resources import CrmApiResource, CrmWarehouseResource
@@ -29,6 +30,19 @@ CRM_GROUP = "crm"
 CRM_ASSETS_OP = "crm_dlt_assets"
 CRM_POOL = "crm_warehouse"
 _PLACEHOLDER_KEY = "<injected at run time by CrmApiResource>"
+
+
+class CrmDltResource(DagsterDltResource):
+    """dagster-dlt's resource without its one side effect on the pipeline's schema.
+
+    dagster-dlt 0.29.27 builds the column-schema metadata by popping ``name``, ``data_type``,
+    ``nullable`` and ``unique`` out of the *live* dlt schema's column dicts, so after ``run``
+    the pipeline's schema has incomplete columns (we could no longer report new API fields,
+    and a second load in the same run would start from a damaged schema). It gets a copy.
+    """
+
+    def _extract_table_schema_metadata(self, table_name: str, schema: Schema) -> dg.TableSchema:
+        return super()._extract_table_schema_metadata(table_name, schema.clone())
 
 
 def contract_table_schema(resource: CrmResource) -> dg.TableSchema:

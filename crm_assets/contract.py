@@ -10,9 +10,10 @@ Environment variables: none.
 
 import datetime as dt
 import decimal
+import functools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -149,6 +150,9 @@ def get_resource(name: str) -> CrmResource:
 _TIMESTAMP_RE = re.compile(
     r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:?\d{2})$"
 )
+# The spelling almost every timestamp has (``2025-03-01T12:00:00Z``): a strict subset of
+# _TIMESTAMP_RE that matches in about half its time, tried first.
+_PLAIN_UTC_TIMESTAMP_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", re.ASCII)
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _BIGINT_MIN, _BIGINT_MAX = -(2**63), 2**63 - 1
 
@@ -169,6 +173,64 @@ def format_timestamp(value: dt.datetime) -> str:
     return text + "Z"
 
 
+def is_timestamp(value: Any) -> bool:
+    """True when ``value`` is a contract timestamp (what ``parse_timestamp`` accepts)."""
+    if not isinstance(value, str):
+        return False
+    if not _PLAIN_UTC_TIMESTAMP_RE.fullmatch(value) and not _TIMESTAMP_RE.match(value):
+        return False
+    try:
+        dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return True
+
+
+def is_date(value: Any) -> bool:
+    """True when ``value`` is a contract date (``YYYY-MM-DD``, a real calendar day)."""
+    if not isinstance(value, str) or not _DATE_RE.match(value):
+        return False
+    try:
+        dt.date.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_bigint(value: Any) -> bool:
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and _BIGINT_MIN <= value <= _BIGINT_MAX
+    )
+
+
+def _is_decimal(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, (int, decimal.Decimal)) and not isinstance(value, bool)
+
+
+# Per contract type: does a non-null value fit? The single definition behind ``value_problem``
+# (messages) and ``record_validator`` (the per-record fast path).
+_FITS_TYPE: Mapping[str, Callable[[Any], bool]] = {
+    "text": _is_text,
+    "bool": _is_bool,
+    "bigint": _is_bigint,
+    "decimal": _is_decimal,
+    "timestamp": is_timestamp,
+    "date": is_date,
+}
+
+
 def value_problem(column: CrmColumn, value: Any) -> str | None:
     """Why ``value`` does not fit ``column`` (type, nullability, allowed values), or ``None``.
 
@@ -177,35 +239,8 @@ def value_problem(column: CrmColumn, value: Any) -> str | None:
     """
     if value is None:
         return None if column.nullable else f"{column.name}: null in a NOT NULL column"
-    kind = column.type
-    ok: bool
-    if kind == "text":
-        ok = isinstance(value, str)
-    elif kind == "bool":
-        ok = isinstance(value, bool)
-    elif kind == "bigint":
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        ok = ok and _BIGINT_MIN <= value <= _BIGINT_MAX
-    elif kind == "decimal":
-        ok = isinstance(value, (int, float, decimal.Decimal)) and not isinstance(value, bool)
-        ok = ok and not (isinstance(value, float) and not math.isfinite(value))
-    elif kind == "timestamp":
-        try:
-            parse_timestamp(value)
-            ok = True
-        except (ValueError, TypeError):
-            ok = False
-    elif kind == "date":
-        ok = isinstance(value, str) and bool(_DATE_RE.match(value))
-        if ok:
-            try:
-                dt.date.fromisoformat(value)
-            except ValueError:
-                ok = False
-    else:  # pragma: no cover - ColumnType is closed
-        raise AssertionError(kind)
-    if not ok:
-        return f"{column.name}: expected {kind}, got {type(value).__name__}"
+    if not _FITS_TYPE[column.type](value):
+        return f"{column.name}: expected {column.type}, got {type(value).__name__}"
     if column.choices is not None and value not in column.choices:
         return f"{column.name}: not one of the allowed values"
     return None
@@ -225,3 +260,37 @@ def record_problems(resource: CrmResource, record: Any) -> list[str]:
         if problem:
             problems.append(problem)
     return problems
+
+
+def _value_check(column: CrmColumn) -> Callable[[Any], bool]:
+    """``value_problem(column, value) is None`` for a non-null ``value``, as one predicate."""
+    fits = _FITS_TYPE[column.type]
+    if column.choices is None:
+        return fits
+    choices = column.choices
+    return lambda value: fits(value) and value in choices
+
+
+@functools.cache
+def record_validator(resource: CrmResource) -> Callable[[Any], bool]:
+    """A predicate equal to ``not record_problems(resource, record)``, several times faster.
+
+    It stops at the first problem and builds no messages: the sync checks every record with it
+    and asks ``record_problems`` for the reasons only of the records it refuses.
+    """
+    checks = tuple((c.name, c.nullable, _value_check(c)) for c in resource.columns)
+
+    def is_valid(record: Any) -> bool:
+        if not isinstance(record, dict):
+            return False
+        get = record.get
+        for name, nullable, fits in checks:
+            value = get(name)
+            if value is None:
+                if not nullable:
+                    return False
+            elif not fits(value):
+                return False
+        return True
+
+    return is_valid

@@ -29,6 +29,9 @@ LOCAL_DAGSTER_YAML = """\
 concurrency:
   pools:
     default_limit: 1
+# No usage statistics leave the machine.
+telemetry:
+  enabled: false
 """
 
 

@@ -18,7 +18,6 @@ Environment variables: none.
 
 import datetime as dt
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +25,13 @@ import dlt
 import orjson
 from dlt.extract.items_transform import ItemTransform
 
-from crm_assets.contract import PRIMARY_KEY, CrmResource, format_timestamp, record_problems
+from crm_assets.contract import (
+    PRIMARY_KEY,
+    CrmResource,
+    format_timestamp,
+    record_problems,
+    record_validator,
+)
 
 STATE_KEY = "crm"
 LAST_FULL_REFRESH_KEY = "last_full_refresh_at"
@@ -76,21 +81,6 @@ class RejectSink:
         return self
 
 
-_CHECKERS: dict[str, Callable[[Any], bool]] = {
-    "text": lambda v: isinstance(v, str),
-    "bool": lambda v: isinstance(v, bool),
-    "bigint": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "decimal": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    # Full parsing happens in record_problems for the (rare) records that fail a quick check.
-    "timestamp": lambda v: isinstance(v, str) and len(v) >= 20 and v[10] in "T ",
-    "date": lambda v: isinstance(v, str) and len(v) == 10,
-}
-
-
-def _quick_checks(resource: CrmResource) -> list[tuple[str, bool, Callable[[Any], bool]]]:
-    return [(c.name, c.nullable, _CHECKERS[c.type]) for c in resource.columns]
-
-
 class RecordGate(ItemTransform[Any, Any]):
     """Pipe step: passes valid records on, diverts invalid ones to a ``RejectSink``."""
 
@@ -102,22 +92,10 @@ class RecordGate(ItemTransform[Any, Any]):
         self.resource = resource
         self.sink = sink
         self.stamp_full_refresh = stamp_full_refresh
-        self._checks = _quick_checks(resource)
+        # Exactly ``not record_problems(resource, record)``, without building messages: every
+        # record goes through it, only refused ones through ``record_problems`` (for the reasons).
+        self._is_valid = record_validator(resource)
         self._stamped = False
-
-    def _is_valid(self, record: Any) -> bool:
-        if not isinstance(record, dict):
-            return False
-        get = record.get
-        for name, nullable, check in self._checks:
-            value = get(name)
-            if value is None:
-                if not nullable:
-                    return False
-            elif not check(value):
-                return False
-        # The quick checks passed; the full contract check also parses timestamps and choices.
-        return not record_problems(self.resource, record)
 
     def __call__(self, item: Any, meta: Any = None) -> Any:
         """Filters one page (or one record) and returns what may be loaded."""
@@ -128,12 +106,13 @@ class RecordGate(ItemTransform[Any, Any]):
             )
             self._stamped = True
         records = item if isinstance(item, list) else [item]
-        good = [r for r in records if self._is_valid(r)]
-        if len(good) == len(records):
+        is_valid = self._is_valid
+        if all(map(is_valid, records)):
             return item
+        good = [r for r in records if is_valid(r)]
         rejected_at = format_timestamp(dt.datetime.now(dt.timezone.utc))
         for record in records:
-            if isinstance(record, dict) and self._is_valid(record):
+            if is_valid(record):
                 continue
             problems = record_problems(self.resource, record)
             record_id = record.get(PRIMARY_KEY) if isinstance(record, dict) else None

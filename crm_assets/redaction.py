@@ -4,8 +4,14 @@ dlt masks a fixed list of *parameter names* in the URLs it logs, but a connectio
 ``requests``/``urllib3`` carries the full URL (``...?api_key=<secret>``) in its message, and DEBUG
 logging of ``urllib3`` prints request lines with the query string. So we redact by *value*: every
 form of the secret (raw and URL-encoded) is replaced wherever it could surface: in log records of
-every logger (a log-record factory, installed for the duration of a sync) and in the error a failed
-sync raises (a fresh exception without the original chain, whose messages are redacted).
+every logger and in the error a failed sync raises (a fresh exception without the original chain,
+whose messages are redacted).
+
+The log-record factory is installed by ``protect_secret``, which ``CrmApiResource`` calls before it
+hands the key to anything (a sync, a sensor's probe, an asset check's probe). From then on it stays
+installed for the life of the process: a secret is redacted from every log record created anywhere
+in the process (any thread, any logger, any level, also after the sync that used it), so no code
+path can forget to enable it. ``redacted_logging`` scopes an extra redactor to a block.
 
 Environment variables: none.
 """
@@ -34,14 +40,20 @@ class Redactor:
     """Replaces known secret values in text."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        forms: set[str] = set()
+        self._forms: list[str] = []
+        self._lock = threading.Lock()
         for secret in secrets:
-            forms |= secret_forms(secret)
-        # Longest first, so that an encoded form is not half-replaced through a shorter one.
-        self._forms = sorted(forms, key=len, reverse=True)
+            self.add(secret)
 
     def __bool__(self) -> bool:
         return bool(self._forms)
+
+    def add(self, secret: str) -> None:
+        """Also redacts ``secret`` from now on (thread-safe; readers never see a partial list)."""
+        with self._lock:
+            forms = set(self._forms) | secret_forms(secret)
+            # Longest first, so that an encoded form is not half-replaced through a shorter one.
+            self._forms = sorted(forms, key=len, reverse=True)
 
     def redact(self, text: str) -> str:
         """``text`` with every form of every secret replaced by ``***``."""
@@ -76,12 +88,14 @@ def redacted_error(exc: BaseException, redactor: Redactor, headline: str) -> Crm
 
 _factory_lock = threading.Lock()
 _active: list[Redactor] = []
+# Every secret ``protect_secret`` was given in this process.
+_protected = Redactor()
 _original_factory = logging.getLogRecordFactory()
 
 
 def _redacting_factory(*args: object, **kwargs: object) -> logging.LogRecord:
     record = _original_factory(*args, **kwargs)
-    redactors = list(_active)
+    redactors = [r for r in (_protected, *_active) if r]
     if not redactors:
         return record
     try:
@@ -102,6 +116,26 @@ def _redacting_factory(*args: object, **kwargs: object) -> logging.LogRecord:
     return record
 
 
+def _install_factory() -> None:
+    # Called with _factory_lock held. Idempotent, never stacks ours twice. Ours chains to the
+    # factory that was in place when this module was imported (no library in use sets one).
+    if logging.getLogRecordFactory() is not _redacting_factory:
+        logging.setLogRecordFactory(_redacting_factory)
+
+
+def protect_secret(secret: str) -> None:
+    """Redacts ``secret`` from every log record of this process from now on.
+
+    Call it before the secret is used for anything: urllib3 logs request lines with the query
+    string at DEBUG, and a probe or a check runs outside any sync's ``redacted_logging`` block.
+    """
+    if not secret_forms(secret):
+        return
+    _protected.add(secret)
+    with _factory_lock:
+        _install_factory()
+
+
 @contextlib.contextmanager
 def redacted_logging(redactor: Redactor) -> Iterator[None]:
     """Within the block, every log record of every logger has the secrets removed."""
@@ -110,11 +144,13 @@ def redacted_logging(redactor: Redactor) -> Iterator[None]:
         return
     with _factory_lock:
         _active.append(redactor)
-        logging.setLogRecordFactory(_redacting_factory)
+        _install_factory()
     try:
         yield
     finally:
         with _factory_lock:
             _active.remove(redactor)
-            if not _active:
+            # Protected secrets keep the factory installed for the rest of the process.
+            ours = logging.getLogRecordFactory() is _redacting_factory
+            if ours and not _active and not _protected:
                 logging.setLogRecordFactory(_original_factory)

@@ -2,7 +2,9 @@
 
 ``CrmApiResource`` is the only holder of the API key. It arrives at run time from
 ``dg.EnvVar("CRM_API_KEY")`` (Dagster stores the variable's *name* in run config, never the value)
-and is handed to the dlt source and to the sensors' probes; nothing else reads it.
+and is handed to the dlt source and to the sensors' and checks' probes; nothing else reads it.
+Before it hands the key out it registers it with ``crm_assets.redaction.protect_secret``, so no
+log record of the process can carry it from then on.
 
 ``CrmWarehouseResource`` builds the dlt pipeline for a run in a fresh temporary working directory
 that is deleted afterwards: dagster-dlt wipes local state before each run anyway (the cursors live
@@ -14,16 +16,21 @@ Environment variables: ``CRM_API_KEY`` (secret; read by Dagster at run time thro
 """
 
 import contextlib
+import copy
 import ipaddress
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import dagster as dg
 import dlt
+import requests
+from dlt.common.configuration.providers import DictionaryProvider
 from dlt.common.destination import TLoaderFileFormat
+from dlt.destinations.exceptions import DatabaseUndefinedRelation
 from dlt.sources.helpers.requests import Client, Session
 from pydantic import Field
 from requests.adapters import HTTPAdapter
@@ -35,8 +42,8 @@ from crm_assets.contract import (
     format_timestamp,
     parse_timestamp,
 )
-from crm_assets.pagination import ResourceSyncStats, validate_page_body
-from crm_assets.redaction import Redactor, redacted_error
+from crm_assets.pagination import ResourceSyncStats, offset_of_url, validate_page_body
+from crm_assets.redaction import Redactor, protect_secret, redacted_error
 from crm_assets.settings import (
     DEFAULT_BASE_URL,
     DEFAULT_DATASET_NAME,
@@ -77,20 +84,70 @@ def check_base_url(base_url: str) -> None:
         )
 
 
+def _stats_for_url(
+    stats: Mapping[str, ResourceSyncStats], url: str | None
+) -> ResourceSyncStats | None:
+    """The stats of the resource whose collection ``url`` requests (``.../v1/<name>``)."""
+    path = urlsplit(url or "").path.rstrip("/")
+    for name, resource_stats in stats.items():
+        if path.endswith(f"/v1/{name}"):
+            return resource_stats
+    return None
+
+
 class _CountingAdapter(HTTPAdapter):
-    """Counts every HTTP attempt per resource path, retries and failed connections included."""
+    """Counts every HTTP attempt per resource path, retries and failed connections included.
+
+    ``send`` of the transport adapter runs once per attempt, before the connection is opened,
+    so an attempt that is refused, reset or times out is counted like one that is answered.
+    """
 
     def __init__(self, stats: Mapping[str, ResourceSyncStats], **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._by_path = {f"/v1/{name}": s for name, s in stats.items()}
+        self._stats = dict(stats)
 
     def send(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-        path = urlsplit(request.url).path.rstrip("/")
-        for suffix, stats in self._by_path.items():
-            if path.endswith(suffix):
-                stats.count_attempt()
-                break
+        stats = _stats_for_url(self._stats, request.url)
+        if stats is not None:
+            stats.count_attempt()
         return super().send(request, *args, **kwargs)
+
+
+class _RetryReporter:
+    """tenacity ``before_sleep`` hook of dlt's retrying session: logs every retry it waits for.
+
+    One line per retry: resource, offset, cause (HTTP status or the exception's class, never its
+    message: that carries the URL with the key), which retry of how many, and the wait tenacity
+    computed (exponential backoff, or ``Retry-After`` capped at the maximum delay).
+    """
+
+    def __init__(self, stats: Mapping[str, ResourceSyncStats], max_attempts: int) -> None:
+        self._stats = dict(stats)
+        self._max_retries = max_attempts - 1
+
+    def __call__(self, retry_state: Any) -> None:  # tenacity.RetryCallState (dlt's dependency)
+        request = retry_state.args[0] if retry_state.args else None
+        url = getattr(request, "url", None)
+        stats = _stats_for_url(self._stats, url)
+        if stats is None:
+            return
+        outcome = retry_state.outcome
+        failure = outcome.exception() if outcome is not None else None
+        response = getattr(failure, "response", None)
+        if response is None and outcome is not None and failure is None:
+            response = outcome.result()
+        if isinstance(response, requests.Response):
+            cause = f"HTTP {response.status_code}"
+            retry_after = response.headers.get("Retry-After")
+            if retry_after:
+                cause += f" (Retry-After: {retry_after[:40]})"
+        else:
+            cause = type(failure).__name__ if failure is not None else "no answer"
+        wait = retry_state.upcoming_sleep
+        stats.note(
+            f"{stats.resource}: {cause} at offset {offset_of_url(url)}; retry "
+            f"{retry_state.attempt_number} of {self._max_retries} in {wait:.3g}s"
+        )
 
 
 class CrmApiResource(dg.ConfigurableResource):
@@ -99,15 +156,25 @@ class CrmApiResource(dg.ConfigurableResource):
     Retry defaults are the seed's: 429, 5xx, connection errors and timeouts are retried with
     exponential backoff, at most 3 retries (``max_attempts`` 4 counts the first attempt), backoff
     factor 2 (waits 2, 4, 8 s), honouring ``Retry-After`` up to ``max_retry_delay_seconds``.
+    Other 4xx answers are not retried. Every request has ``request_timeout_seconds`` as its
+    timeout. A sync's session counts every attempt per resource (``http_requests``/``retries``
+    metadata) and logs every retry it waits for (resource, offset, cause, wait); see
+    ``docs/reliability.md``.
     """
 
     base_url: str = Field(default=DEFAULT_BASE_URL, description="CRM API base URL.")
     api_key: str = Field(description="CRM API key; set through the CRM_API_KEY env var.")
-    request_timeout_seconds: float = Field(default=30.0, description="Per request timeout.")
-    max_attempts: int = Field(default=4, description="HTTP attempts per request, first included.")
-    backoff_factor: float = Field(default=2.0, description="Exponential backoff factor (s).")
+    request_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="Timeout of every HTTP request (connect and each read)."
+    )
+    max_attempts: int = Field(
+        default=4, ge=1, description="HTTP attempts per request, the first included."
+    )
+    backoff_factor: float = Field(
+        default=2.0, ge=0, description="Exponential backoff: waits factor * 2**(retry - 1) s."
+    )
     max_retry_delay_seconds: float = Field(
-        default=60.0, description="Cap of one wait, Retry-After included."
+        default=60.0, ge=0, description="Cap of one wait, Retry-After included."
     )
     page_size: int = Field(default=MAX_PAGE_SIZE, description="Records per page (1..100).")
     max_passes: int = Field(
@@ -116,11 +183,17 @@ class CrmApiResource(dg.ConfigurableResource):
     progress_every_pages: int = Field(default=50, description="Log progress every N pages.")
 
     def redactor(self) -> Redactor:
-        """A redactor for this resource's secret."""
+        """A redactor for this resource's secret (also redacted from every log record from now)."""
+        protect_secret(self.api_key)
         return Redactor([self.api_key])
 
     def require_key(self) -> str:
-        """The API key, or a clear error naming the variable when it is empty."""
+        """The API key, or a clear error naming the variable when it is empty.
+
+        Every user of the key goes through here, so the key is registered for log redaction
+        (``protect_secret``) before anything can log a URL that carries it.
+        """
+        protect_secret(self.api_key or "")
         key = (self.api_key or "").strip()
         if not key:
             raise CrmConfigurationError(
@@ -144,6 +217,11 @@ class CrmApiResource(dg.ConfigurableResource):
             adapter = _CountingAdapter(stats, pool_maxsize=16)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
+            # dlt wraps ``send`` with tenacity's retry; every call copies this Retrying object,
+            # hook included.
+            retrying = getattr(session.send, "retry", None)
+            if retrying is not None:
+                retrying.before_sleep = _RetryReporter(stats, self.max_attempts)
         return session
 
     def source_options(self, lookback_seconds: int = 0) -> SourceOptions:
@@ -184,10 +262,89 @@ class CrmApiResource(dg.ConfigurableResource):
         )
 
 
+# --- dlt settings of a sync -------------------------------------------------------------------
+# The one place where crm_assets tunes dlt; docs/performance.md has the measurements behind each
+# value. They reach dlt through a config provider that answers only for this project's pipeline
+# (``PIPELINE_NAME``) and only while ``CrmWarehouseResource.pipeline()`` is open: nothing is
+# written to the environment, and dlt's own configuration (env vars such as NORMALIZE__WORKERS,
+# .dlt/config.toml) is consulted first, so an operator can still override every value.
+
+# DuckDB sizes its buffer pool to 80 % of the machine's memory: the load step of a 4 x 200k full
+# refresh then held ~0.8 GB. With a limit it streams (and spills to ``<db>.tmp`` if it must).
+DUCKDB_GLOBAL_CONFIG: Mapping[str, Any] = {"memory_limit": "128MB"}
+
+
 def _preferred_file_format(destination: str) -> TLoaderFileFormat | None:
     # insert_values (dlt's default for SQL destinations) builds giant INSERT statements in memory;
     # parquet streams. See docs/performance.md for the measurements.
     return "parquet" if destination == "duckdb" else None
+
+
+def dlt_run_settings(destination: str, file_format: str | None) -> dict[str, Any]:
+    """The dlt configuration of one sync into ``destination`` with ``file_format`` load files.
+
+    Keys are dlt's configuration sections (``normalize.workers`` is ``{"normalize":
+    {"workers": ...}}``).
+    """
+    settings: dict[str, Any] = {
+        # One normalize process: worker processes are spawned under Dagster (each imports dlt
+        # again) and did not pay for themselves on 2 cores, see docs/performance.md.
+        "normalize": {"workers": 1},
+    }
+    if file_format == "parquet":
+        # Parquet load files compress themselves, so this only stops dlt from gzipping the
+        # intermediate extract files (written once, read once, locally, then deleted).
+        settings["data_writer"] = {"disable_compression": True}
+    if destination == "duckdb":
+        settings["destination"] = {
+            "duckdb": {"credentials": {"global_config": dict(DUCKDB_GLOBAL_CONFIG)}}
+        }
+        # DuckDB has one writer: dlt's default of 20 parallel load jobs only holds one buffer
+        # per table at once (+50 MB peak RSS for 4 x 200k), it does not load faster.
+        settings["load"] = {"workers": 1}
+    return settings
+
+
+class _RunSettingsProvider(DictionaryProvider):
+    """dlt config provider holding ``dlt_run_settings`` per pipeline name while runs are open."""
+
+    NAME: ClassVar[str] = "crm_assets run settings"
+
+    @property
+    def name(self) -> str:
+        return self.NAME
+
+    def open(self, pipeline_name: str, settings: Mapping[str, Any]) -> None:
+        self._config_doc[pipeline_name] = copy.deepcopy(dict(settings))
+
+    def close(self, pipeline_name: str) -> None:
+        self._config_doc.pop(pipeline_name, None)
+
+
+_run_settings_lock = threading.Lock()
+_run_settings_provider: _RunSettingsProvider | None = None
+_run_settings_users: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def dlt_settings_for(pipeline_name: str, settings: Mapping[str, Any]) -> Iterator[None]:
+    """Within the block, dlt resolves ``settings`` for the pipeline named ``pipeline_name``."""
+    global _run_settings_provider
+    with _run_settings_lock:
+        if _run_settings_provider is None:
+            _run_settings_provider = _RunSettingsProvider()
+            # Consulted after dlt's own providers (environment, toml files).
+            dlt.config.register_provider(_run_settings_provider)
+        _run_settings_provider.open(pipeline_name, settings)
+        _run_settings_users[pipeline_name] = _run_settings_users.get(pipeline_name, 0) + 1
+    try:
+        yield
+    finally:
+        with _run_settings_lock:
+            _run_settings_users[pipeline_name] -= 1
+            if not _run_settings_users[pipeline_name]:
+                del _run_settings_users[pipeline_name]
+                _run_settings_provider.close(pipeline_name)
 
 
 class CrmWarehouseResource(dg.ConfigurableResource):
@@ -228,13 +385,21 @@ class CrmWarehouseResource(dg.ConfigurableResource):
 
     @contextlib.contextmanager
     def pipeline(self) -> Iterator[dlt.Pipeline]:
-        """A dlt pipeline in a fresh working directory, removed when the block ends."""
+        """A dlt pipeline in a fresh working directory, removed when the block ends.
+
+        Within the block dlt runs with ``dlt_run_settings`` (file rotation, compression,
+        workers, DuckDB memory): the sync's settings apply to this pipeline only.
+        """
         self.check()
         parent = None
         if self.pipelines_dir:
             parent = Path(self.pipelines_dir).expanduser()
             parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="crm-dlt-", dir=parent) as workdir:
+        settings = dlt_run_settings(self.destination, self.file_format())
+        with (
+            tempfile.TemporaryDirectory(prefix="crm-dlt-", dir=parent) as workdir,
+            dlt_settings_for(PIPELINE_NAME, settings),
+        ):
             yield dlt.pipeline(
                 pipeline_name=PIPELINE_NAME,
                 pipelines_dir=workdir,
@@ -244,18 +409,16 @@ class CrmWarehouseResource(dg.ConfigurableResource):
 
     def row_counts(self, pipeline: dlt.Pipeline, tables: Sequence[str]) -> dict[str, int | None]:
         """Rows per table in the warehouse; ``None`` for a table that does not exist yet."""
+        # Only a missing table means "no rows yet": any other error (a locked DuckDB file, an
+        # unreachable server) must surface, or callers would decide on made-up zeros.
         counts: dict[str, int | None] = {}
-        try:
-            client_cm = pipeline.sql_client()
-        except Exception:  # noqa: BLE001 - no dataset yet: nothing loaded
-            return dict.fromkeys(tables)
-        with client_cm as client:
+        with pipeline.sql_client() as client:
             for table in tables:
                 qualified = client.make_qualified_table_name(table)
                 try:
                     rows = client.execute_sql(f"SELECT COUNT(*) FROM {qualified}")
                     counts[table] = int(rows[0][0]) if rows else 0
-                except Exception:  # noqa: BLE001 - missing table
+                except DatabaseUndefinedRelation:
                     counts[table] = None
         return counts
 
@@ -269,15 +432,13 @@ class CrmWarehouseResource(dg.ConfigurableResource):
                     f"SELECT COUNT(*) FROM {qualified} "
                     f"WHERE {CURSOR_FIELD} >= CAST('{since}' AS TIMESTAMP WITH TIME ZONE)"
                 )
-        except Exception:  # noqa: BLE001 - no dataset or table yet
+        except DatabaseUndefinedRelation:  # no table yet
             return 0
         return int(rows[0][0]) if rows else 0
 
     def resource_states(self, pipeline: dlt.Pipeline) -> dict[str, dict[str, Any]]:
         """The committed dlt resource states (cursor, full-refresh marker) from the destination."""
-        try:
-            pipeline.sync_destination()
-        except Exception:  # noqa: BLE001 - nothing stored yet
-            return {}
+        # A warehouse with nothing stored yet restores an empty state; errors propagate.
+        pipeline.sync_destination()
         sources = pipeline.state.get("sources", {})
         return dict(sources.get(SOURCE_NAME, {}).get("resources", {}))

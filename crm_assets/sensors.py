@@ -13,7 +13,9 @@ last full refresh), then turn decisions into ``RunRequest``s or a ``SkipReason``
   or, with no change pending, the counts differ (rows skipped).
 
 Both skip resources that a queued or running run already covers, and use run keys derived from
-the observed state so that the same state never launches two runs.
+the observed state so that the same state never launches two runs. Their run requests carry
+``crm/trigger``, ``crm/sync_mode`` and one ``crm/resource.<name>`` tag per requested resource,
+which the run queue limits to one run per resource (``crm_assets.jobs.resource_tags``).
 
 Environment variables: ``CRM_SENSOR_INTERVAL_SECONDS``, ``CRM_FULL_REFRESH_MAX_AGE_HOURS``
 (through ``crm_assets.settings``).
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 import dagster as dg
 
 from crm_assets.contract import CRM_RESOURCES, RESOURCE_NAMES, CrmResource
-from crm_assets.jobs import CRM_ASSET_SELECTION, run_config_for
+from crm_assets.jobs import CRM_ASSET_SELECTION, resource_tags, run_config_for
 from crm_assets.records import LAST_FULL_REFRESH_KEY, STATE_KEY
 from crm_assets.resources import CrmApiResource, CrmWarehouseResource
 from crm_assets.settings import CrmSettings
@@ -171,6 +173,15 @@ def _busy_resources(context: dg.SensorEvaluationContext) -> set[str]:
     return resources_in_flight(((r.job_name, r.asset_selection) for r in runs), _JOB_RESOURCES)
 
 
+def _duckdb_busy(busy: Iterable[str]) -> str:
+    # DuckDB has one writer and locks its file against readers in other processes: reading it
+    # now would fail, or worse be mistaken for an empty warehouse.
+    return (
+        f"a run syncing {', '.join(sorted(busy))} holds the DuckDB warehouse; "
+        "checking again after it finishes"
+    )
+
+
 def _parse_time(value: object) -> dt.datetime | None:
     if not value:
         return None
@@ -195,6 +206,8 @@ def build_sensors(settings: CrmSettings) -> list[dg.SensorDefinition]:
         warehouse: CrmWarehouseResource,
     ) -> dg.SensorResult | dg.SkipReason:
         busy = _busy_resources(context)
+        if busy and warehouse.destination == "duckdb":
+            return dg.SkipReason(_duckdb_busy(busy))
         candidates = [r for r in resources if r.name not in busy]
         decisions: list[Decision] = []
         with warehouse.pipeline() as pipeline:
@@ -220,7 +233,11 @@ def build_sensors(settings: CrmSettings) -> list[dg.SensorDefinition]:
                     run_key=state_run_key(CHANGE_SENSOR, key_parts),
                     asset_selection=[asset_key_for(n) for n in to_run],
                     run_config=run_config_for("incremental"),
-                    tags={TRIGGER_TAG: CHANGE_SENSOR, SYNC_MODE_TAG: "incremental"},
+                    tags={
+                        TRIGGER_TAG: CHANGE_SENSOR,
+                        SYNC_MODE_TAG: "incremental",
+                        **resource_tags(to_run),
+                    },
                 )
             ]
         )
@@ -241,6 +258,8 @@ def build_sensors(settings: CrmSettings) -> list[dg.SensorDefinition]:
         warehouse: CrmWarehouseResource,
     ) -> dg.SensorResult | dg.SkipReason:
         busy = _busy_resources(context)
+        if busy and warehouse.destination == "duckdb":
+            return dg.SkipReason(_duckdb_busy(busy))
         candidates = [r for r in resources if r.name not in busy]
         now = dt.datetime.now(dt.timezone.utc)
         decisions: list[tuple[Decision, DriftProbe]] = []
@@ -282,7 +301,11 @@ def build_sensors(settings: CrmSettings) -> list[dg.SensorDefinition]:
                 ),
                 asset_selection=[asset_key_for(d.resource)],
                 run_config=run_config_for("full_refresh"),
-                tags={TRIGGER_TAG: DRIFT_SENSOR, SYNC_MODE_TAG: "full_refresh"},
+                tags={
+                    TRIGGER_TAG: DRIFT_SENSOR,
+                    SYNC_MODE_TAG: "full_refresh",
+                    **resource_tags([d.resource]),
+                },
             )
             for d, p in decisions
             if d.run

@@ -18,6 +18,8 @@ Environment variables (all optional; an empty value means the default):
 - ``CRM_FULL_REFRESH_MAX_AGE_HOURS`` (``192``): the drift sensor asks for a full refresh of a
   resource whose last one is older.
 - ``CRM_SENSOR_INTERVAL_SECONDS`` (``300``): minimum interval between sensor ticks.
+- ``CRM_FRESHNESS_MAX_AGE_HOURS`` (``6``): the ``freshness_check`` of every CRM asset warns
+  when its last successful sync is older.
 """
 
 import os
@@ -46,6 +48,7 @@ class CrmSettings:
     schedule_timezone: str = "UTC"
     full_refresh_max_age_hours: float = 192.0
     sensor_interval_seconds: int = 300
+    freshness_max_age_hours: float = 6.0
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -93,4 +96,5 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> CrmSettings:
         schedule_timezone=text("CRM_SCHEDULE_TIMEZONE", "UTC"),
         full_refresh_max_age_hours=_float(env, "CRM_FULL_REFRESH_MAX_AGE_HOURS", 192.0),
         sensor_interval_seconds=_int(env, "CRM_SENSOR_INTERVAL_SECONDS", 300),
+        freshness_max_age_hours=_float(env, "CRM_FRESHNESS_MAX_AGE_HOURS", 6.0),
     )

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from dlt.common import jsonpath
 from dlt.common.schema.typing import TColumnSchema
 from dlt.extract.source import DltSource
 from dlt.sources.helpers.requests import Session
@@ -33,6 +34,9 @@ from crm_assets.settings import SOURCE_NAME
 
 SyncMode = Literal["incremental", "full_refresh"]
 SYNC_MODES: tuple[SyncMode, ...] = ("incremental", "full_refresh")
+
+# Where a page's records are, compiled once (see build_rest_api_config).
+_DATA_SELECTOR = jsonpath.compile_path("data")
 
 # The first incremental run asks for everything changed since the epoch, i.e. everything.
 INITIAL_CURSOR = "1970-01-01T00:00:00Z"
@@ -126,7 +130,9 @@ def build_rest_api_config(
                 "endpoint": {
                     "path": resource.path,
                     "params": params,
-                    "data_selector": "data",
+                    # Compiled once: dlt compiles a string selector again for every page
+                    # (jsonpath-ng builds a parser each time, about 1 ms of the GIL per page).
+                    "data_selector": _DATA_SELECTOR,
                     "paginator": CrmOffsetPaginator(
                         resource=resource.name,
                         stats=resource_stats,

@@ -26,12 +26,12 @@ import requests
 from dagster_dlt import DagsterDltResource, DagsterDltTranslator
 
 from crm_assets.contract import CURSOR_FIELD, RESOURCES_BY_NAME, CrmResource
-from crm_assets.pagination import CrmApiError, ResourceSyncStats
+from crm_assets.pagination import CrmApiError, ResourceSyncStats, offset_of_url
 from crm_assets.records import REJECTED_TABLE, RejectSink
 from crm_assets.redaction import CrmSyncError, redacted_error, redacted_logging
 from crm_assets.resources import CrmApiResource, CrmConfigurationError, CrmWarehouseResource
 from crm_assets.settings import CrmSettings
-from crm_assets.source import SYNC_MODES, SyncMode, build_crm_source
+from crm_assets.source import INITIAL_CURSOR, SYNC_MODES, SyncMode, build_crm_source
 
 SYNC_MODE_TAG = "crm/sync_mode"
 TRIGGER_TAG = "crm/trigger"
@@ -131,33 +131,80 @@ def describe_failure(exc: BaseException) -> str | None:
     """A one-line, key-free explanation of a known failure cause anywhere in ``exc``'s chain.
 
     ``None`` when no known cause is found (the caller then lists the whole redacted chain).
+    Built from the status, the URL's path and its ``offset`` only: never from an exception's
+    message (it carries the URL with the key) nor a response body (records are personal data).
     """
+
+    def where(request: Any) -> tuple[str, str]:
+        url = getattr(request, "url", None)
+        offset = offset_of_url(url) if url else None
+        return _resource_of_url(url), "" if offset is None else f" at offset {offset}"
+
     for cause in _chain(exc):
         if isinstance(cause, CrmApiError):
             return str(cause)
         if isinstance(cause, requests.HTTPError) and cause.response is not None:
             status = cause.response.status_code
-            request = cause.response.request
-            resource = _resource_of_url(request.url if request else None)
+            resource, at = where(cause.response.request)
             if status in (401, 403):
                 return f"CRM rejected the API key ({status}) for {resource}"
-            return f"CRM API answered {status} for {resource} (after retries where transient)"
+            if status == 429 or status >= 500:
+                return f"CRM API answered {status} for {resource}{at}, also after every retry"
+            return f"CRM API answered {status} for {resource}{at} (not retried: a client error)"
         if isinstance(cause, requests.Timeout):
-            return "the CRM API did not answer in time (after retries)"
+            resource, at = where(cause.request)
+            return (
+                f"the CRM API did not answer {resource}{at} within the request timeout, "
+                "also after every retry"
+            )
         if isinstance(cause, requests.ConnectionError):
-            return "could not connect to the CRM API (after retries)"
+            resource, _ = where(cause.request)
+            return f"could not connect to the CRM API for {resource}, also after every retry"
+        if isinstance(cause, requests.exceptions.ChunkedEncodingError):
+            resource, at = where(cause.request)
+            return f"the CRM API broke off its answer for {resource}{at}, also after every retry"
     return None
 
 
 def cursor_of(resource_state: Mapping[str, Any] | None) -> str | None:
-    """The committed ``updated_at`` cursor in a dlt resource state, if any."""
+    """The committed ``updated_at`` cursor in a dlt resource state, if any.
+
+    dlt stores the initial value as the cursor after a run that read no record (an empty
+    resource); that is no cursor: nothing was loaded, so nothing can have been lost.
+    """
     if not resource_state:
         return None
     value = resource_state.get("incremental", {}).get(CURSOR_FIELD, {}).get("last_value")
-    return None if value is None else str(value)
+    if value is None or str(value) == INITIAL_CURSOR:
+        return None
+    return str(value)
 
 
 # --- the run -----------------------------------------------------------------------------------
+
+
+# dagster-dlt's metadata keys that are dropped: temporary file paths (``jobs``) deleted with the
+# run's working directory, load times that ``duration_s`` covers, and names that dlt leaves out
+# of runs with nothing to load (the asset spec carries ``dagster/table_name`` as
+# ``<dataset>.<table>``; dlt's ``<destination>.<dataset>.<table>`` is no SQL name).
+_DLT_KEYS_DROPPED = frozenset(
+    {
+        "jobs",
+        "first_run",
+        "started_at",
+        "finished_at",
+        "dataset_name",
+        "destination_name",
+        "destination_type",
+        "dagster/table_name",
+        "rows_loaded",
+    }
+)
+
+
+def _text_or_null(value: str | None) -> dg.MetadataValue:
+    # Null, not "", when there is nothing: the UI then says "null" instead of showing a blank.
+    return dg.MetadataValue.text(value) if value else dg.MetadataValue.null()
 
 
 def _metadata_for(
@@ -174,27 +221,46 @@ def _metadata_for(
     rejected: int,
     new_columns: Sequence[str] = (),
 ) -> dict[str, Any]:
+    """The materialization metadata of one asset (every key: ``docs/observability.md``).
+
+    Counts are int metadata and durations float metadata, so the UI plots them across runs.
+    ``load_id`` is null when dlt had nothing to load (no new rows and no state change): there
+    is no load package then, and naming the previous one would point at rows this run did not
+    write. ``cursor_before``/``cursor_after`` are null while a resource has no cursor.
+    """
     rows_loaded = dlt_metadata.get("rows_loaded")
     if isinstance(rows_loaded, dg.IntMetadataValue):
         rows_loaded = rows_loaded.value
     metadata: dict[str, Any] = {
-        **{k: v for k, v in dlt_metadata.items() if k != "rows_loaded"},
-        "rows_loaded": dg.MetadataValue.int(int(rows_loaded or 0)),
-        "sync_mode": plan.mode,
-        "sync_mode_reason": plan.reason,
-        "trigger": trigger,
-        "cursor_before": cursor_before or "",
-        "cursor_after": cursor_after or "",
-        "api_total": dg.MetadataValue.int(stats.api_total or 0),
-        "pages": dg.MetadataValue.int(stats.pages),
-        "http_requests": dg.MetadataValue.int(stats.http_attempts),
-        "retries": dg.MetadataValue.int(stats.retries),
-        "read_passes": dg.MetadataValue.int(stats.passes),
-        "duration_s": dg.MetadataValue.float(round(duration_s, 3)),
-        "load_id": load_id or "",
-        "rejected_records": dg.MetadataValue.int(rejected),
-        "new_columns": ", ".join(new_columns),
+        k: v for k, v in dlt_metadata.items() if k not in _DLT_KEYS_DROPPED and v is not None
     }
+    if "dagster/column_schema" not in metadata:
+        # dagster-dlt omits it for a table dlt's schema does not know yet: use the contract's.
+        # Imported here: crm_assets.assets imports this module.
+        from crm_assets.assets import contract_table_schema
+
+        metadata["dagster/column_schema"] = contract_table_schema(RESOURCES_BY_NAME[resource])
+    metadata.update(
+        {
+            # dlt leaves rows_loaded out of empty loads: 0 rows is a valid, plotted result.
+            "rows_loaded": dg.MetadataValue.int(int(rows_loaded or 0)),
+            "records_read": dg.MetadataValue.int(stats.unique_records),
+            "api_total": dg.MetadataValue.int(stats.api_total or 0),
+            "rejected_records": dg.MetadataValue.int(rejected),
+            "pages": dg.MetadataValue.int(stats.pages),
+            "http_requests": dg.MetadataValue.int(stats.http_attempts),
+            "retries": dg.MetadataValue.int(stats.retries),
+            "read_passes": dg.MetadataValue.int(stats.passes),
+            "duration_s": dg.MetadataValue.float(round(duration_s, 3)),
+            "sync_mode": dg.MetadataValue.text(plan.mode),
+            "sync_mode_reason": dg.MetadataValue.text(plan.reason),
+            "trigger": dg.MetadataValue.text(trigger),
+            "cursor_before": _text_or_null(cursor_before),
+            "cursor_after": _text_or_null(cursor_after),
+            "load_id": _text_or_null(load_id),
+            "new_columns": dg.MetadataValue.text(", ".join(new_columns)),
+        }
+    )
     if row_count is not None:
         metadata["dagster/row_count"] = dg.MetadataValue.int(row_count)
     return metadata

@@ -73,6 +73,10 @@ def test_cursor_of_reads_dlt_incremental_state() -> None:
     state = {"incremental": {"updated_at": {"last_value": "2025-03-01T12:00:00Z"}}}
     assert cursor_of(state) == "2025-03-01T12:00:00Z"
     assert cursor_of({}) is None and cursor_of(None) is None
+    # After a run over an empty resource dlt keeps the initial value: that is no cursor.
+    assert (
+        cursor_of({"incremental": {"updated_at": {"last_value": "1970-01-01T00:00:00Z"}}}) is None
+    )
 
 
 class TestChangeDecision:

@@ -1,4 +1,11 @@
-"""End to end: the real Dagster assets read the sandbox over HTTP and load DuckDB."""
+"""End to end: the real Dagster assets read the sandbox over HTTP and load the warehouse.
+
+Every test runs once per warehouse backend (``WAREHOUSE_BACKENDS``): DuckDB, and PostgreSQL when
+``CRM_TEST_POSTGRES_DSN`` is set (see ``conftest``). The SQL here is what both understand
+(``information_schema``, plain ``SELECT``); the only backend-specific thing is the type names.
+
+Environment variables: ``CRM_TEST_POSTGRES_DSN``, ``CRM_TEST_REQUIRE_ALL`` (through conftest).
+"""
 
 import datetime as dt
 import decimal
@@ -8,21 +15,35 @@ import pytest
 
 from crm_assets.contract import CRM_RESOURCES, RESOURCE_NAMES, get_resource
 from crm_assets.sandbox import SandboxClient
-from crm_assets_tests.conftest import DEFAULT_RECORDS, Harness
+from crm_assets_tests.conftest import DEFAULT_RECORDS, WAREHOUSE_BACKENDS, Harness
 
-# DuckDB's names for the contract types.
-DUCKDB_TYPES = {
-    "text": "VARCHAR",
-    "timestamp": "TIMESTAMP WITH TIME ZONE",
-    "date": "DATE",
-    "bigint": "BIGINT",
-    "decimal": "DECIMAL(38,9)",
-    "bool": "BOOLEAN",
+pytestmark = pytest.mark.parametrize("warehouse_backend", WAREHOUSE_BACKENDS, indirect=True)
+
+# Each backend's `information_schema.columns.data_type` for the contract types.
+WAREHOUSE_TYPES = {
+    "duckdb": {
+        "text": "VARCHAR",
+        "timestamp": "TIMESTAMP WITH TIME ZONE",
+        "date": "DATE",
+        "bigint": "BIGINT",
+        "decimal": "DECIMAL(38,9)",
+        "bool": "BOOLEAN",
+    },
+    "postgres": {
+        "text": "character varying",
+        "timestamp": "timestamp with time zone",
+        "date": "date",
+        "bigint": "bigint",
+        "decimal": "numeric",
+        "bool": "boolean",
+    },
 }
+# Money keeps 9 decimal places on every backend (dlt's default decimal precision).
+DECIMAL_PRECISION_SCALE = (38, 9)
 
 
 def _normalize(column_type: str, value: object) -> object:
-    """A sandbox (JSON) value as DuckDB returns it, for comparison."""
+    """A sandbox (JSON) value as the warehouse returns it, for comparison."""
     if value is None:
         return None
     if column_type == "timestamp":
@@ -40,18 +61,22 @@ def test_full_refresh_loads_every_record_with_contract_types(
     result = harness.materialize("full_refresh")
     assert result.success
 
+    types = WAREHOUSE_TYPES[harness.backend]
     for resource in CRM_RESOURCES:
         columns = {
-            name: (data_type, nullable)
-            for name, data_type, nullable in harness.query(
-                "SELECT column_name, data_type, is_nullable FROM information_schema.columns "
+            name: (data_type, nullable, (precision, scale))
+            for name, data_type, nullable, precision, scale in harness.query(
+                "SELECT column_name, data_type, is_nullable, numeric_precision, numeric_scale "
+                "FROM information_schema.columns "
                 f"WHERE table_schema = 'crm' AND table_name = '{resource.name}'"
             )
         }
         for column in resource.columns:
-            data_type, nullable = columns[column.name]
-            assert data_type == DUCKDB_TYPES[column.type], (resource.name, column.name)
+            data_type, nullable, precision_scale = columns[column.name]
+            assert data_type == types[column.type], (resource.name, column.name)
             assert (nullable == "YES") == column.nullable, (resource.name, column.name)
+            if column.type == "decimal":
+                assert precision_scale == DECIMAL_PRECISION_SCALE, (resource.name, column.name)
 
         api_records = {r["id"]: r for r in sandbox.records(resource.name)}
         names = [c.name for c in resource.columns]

@@ -30,7 +30,7 @@ def test_config_is_the_seeds() -> None:
     for entry in config["resources"]:
         endpoint = entry["endpoint"]  # type: ignore[index]
         assert endpoint["path"] == f"/v1/{entry['name']}"  # type: ignore[index]
-        assert endpoint["data_selector"] == "data"
+        assert str(endpoint["data_selector"]) == "data"
         paginator = endpoint["paginator"]
         assert isinstance(paginator, CrmOffsetPaginator)
         assert paginator.limit == 100

@@ -1,5 +1,13 @@
-"""Incremental and full refresh against the sandbox and DuckDB: nothing lost, nothing duplicated."""
+"""Incremental and full refresh against the sandbox: nothing lost, nothing duplicated.
 
+Every test runs once per warehouse backend (``WAREHOUSE_BACKENDS``): DuckDB, and PostgreSQL when
+``CRM_TEST_POSTGRES_DSN`` is set (see ``conftest``). Warehouse values are compared in Python, so
+the SQL stays what both backends understand.
+
+Environment variables: ``CRM_TEST_POSTGRES_DSN``, ``CRM_TEST_REQUIRE_ALL`` (through conftest).
+"""
+
+import datetime as dt
 import math
 import shutil
 
@@ -8,11 +16,19 @@ import pytest
 from crm_assets.contract import RESOURCE_NAMES
 from crm_assets.resources import CrmApiResource
 from crm_assets.sandbox import SandboxClient
-from crm_assets_tests.conftest import CANARY_KEY, DEFAULT_RECORDS, Harness
+from crm_assets_tests.conftest import CANARY_KEY, DEFAULT_RECORDS, WAREHOUSE_BACKENDS, Harness
+
+pytestmark = pytest.mark.parametrize("warehouse_backend", WAREHOUSE_BACKENDS, indirect=True)
 
 
 def api_ids(sandbox: SandboxClient, resource: str) -> list[str]:
     return sorted(r["id"] for r in sandbox.records(resource))
+
+
+def api_timestamp(value: dt.datetime) -> str:
+    """A warehouse timestamp (timezone-aware on every backend) in the API's UTC format."""
+    assert value.tzinfo is not None, "updated_at must be stored with its time zone"
+    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def assert_warehouse_equals_api(harness: Harness, sandbox: SandboxClient, resource: str) -> None:
@@ -20,12 +36,10 @@ def assert_warehouse_equals_api(harness: Harness, sandbox: SandboxClient, resour
     assert len(ids) == len(set(ids)), f"duplicates in {resource}"
     assert ids == api_ids(sandbox, resource)
     api = {r["id"]: r["updated_at"] for r in sandbox.records(resource)}
-    stored = dict(
-        harness.query(
-            f"SELECT id, strftime(updated_at AT TIME ZONE 'UTC', '%Y-%m-%dT%H:%M:%SZ') "
-            f"FROM crm.{resource}"
-        )
-    )
+    stored = {
+        record_id: api_timestamp(updated_at)
+        for record_id, updated_at in harness.query(f"SELECT id, updated_at FROM crm.{resource}")
+    }
     assert stored == api, f"stale versions in {resource}"
 
 

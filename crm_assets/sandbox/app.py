@@ -39,6 +39,7 @@ import orjson
 
 from crm_assets.contract import (
     API_VERSION_PREFIX,
+    CRM_RESOURCES,
     CURSOR_FIELD,
     MAX_PAGE_SIZE,
     PRIMARY_KEY,
@@ -63,6 +64,11 @@ MALFORMED_KINDS = (
     "record_bad_value",
     "record_without_cursor",
 )
+# Pagination faults: APIs whose paging would never end (see FaultRule).
+PAGINATION_KINDS = ("ignore_offset", "endless")
+# The value of a field added by an ``extra_field`` fault (not personal data, easy to find).
+EXTRA_FIELD_VALUE = "sandbox-extra-field"
+_CONTRACT_FIELDS = frozenset(c.name for r in CRM_RESOURCES for c in r.columns)
 SCHEDULE_ACTIONS = ("update", "add", "delete")
 
 Scope = MutableMapping[str, Any]
@@ -121,6 +127,14 @@ class FaultRule:
     them; used-up rules are dropped. When several rules would fire on one request the oldest
     wins and the others count it as passed. Only requests with a valid key and valid
     parameters are matched (401/400 answers never consume a fault).
+
+    Effects (exactly one): ``status`` (with an optional ``retry_after``), ``hang_seconds``
+    (sleeps, then answers normally), ``malformed`` (see ``MALFORMED_KINDS``), ``pagination``
+    (``ignore_offset``: every page is the one at offset 0; ``endless``: the page at
+    ``offset % matching records`` with a ``total`` of ``offset + 2 * limit``, i.e. an API that
+    wraps around and always promises more), ``total`` (a correct page whose ``total`` lies and
+    says this number) and ``extra_field`` (every record of the page gets this field, a field the
+    contract does not know, valued ``EXTRA_FIELD_VALUE``).
     """
 
     id: int
@@ -132,6 +146,9 @@ class FaultRule:
     retry_after: int | str | None = None
     hang_seconds: float | None = None
     malformed: str | None = None
+    pagination: str | None = None
+    total: int | None = None
+    extra_field: str | None = None
     seen: int = 0
     fired: int = 0
 
@@ -145,6 +162,12 @@ class FaultRule:
             return f"status={self.status}"
         if self.hang_seconds is not None:
             return f"hang_seconds={self.hang_seconds:g}"
+        if self.pagination is not None:
+            return f"pagination={self.pagination}"
+        if self.total is not None:
+            return f"total={self.total}"
+        if self.extra_field is not None:
+            return f"extra_field={self.extra_field}"
         return f"malformed={self.malformed}"
 
     def to_json(self) -> dict[str, Any]:
@@ -152,9 +175,8 @@ class FaultRule:
         return dataclasses.asdict(self)
 
 
-_RULE_FIELDS = frozenset(
-    {"resource", "after", "count", "offset", "status", "retry_after", "hang_seconds", "malformed"}
-)
+_EFFECTS = ("status", "hang_seconds", "malformed", "pagination", "total", "extra_field")
+_RULE_FIELDS = frozenset({"resource", "after", "count", "offset", "retry_after", *_EFFECTS})
 
 
 def parse_fault_rule(data: object, resources: Iterable[str], rule_id: int) -> FaultRule:
@@ -173,9 +195,9 @@ def parse_fault_rule(data: object, resources: Iterable[str], rule_id: int) -> Fa
         offset=_int_arg(data, "offset", None, minimum=0),
         status=_int_arg(data, "status", None, minimum=100, maximum=599),
     )
-    effects = [k for k in ("status", "hang_seconds", "malformed") if data.get(k) is not None]
+    effects = [k for k in _EFFECTS if data.get(k) is not None]
     if len(effects) != 1:
-        raise BadRequest("a fault rule needs exactly one of status, hang_seconds, malformed")
+        raise BadRequest(f"a fault rule needs exactly one of {', '.join(_EFFECTS)}")
     retry_after = data.get("retry_after")
     if retry_after is not None:
         if rule.status is None:
@@ -196,6 +218,19 @@ def parse_fault_rule(data: object, resources: Iterable[str], rule_id: int) -> Fa
         if malformed not in MALFORMED_KINDS:
             raise BadRequest(f"malformed must be one of {', '.join(MALFORMED_KINDS)}")
         rule.malformed = malformed
+    pagination = data.get("pagination")
+    if pagination is not None:
+        if pagination not in PAGINATION_KINDS:
+            raise BadRequest(f"pagination must be one of {', '.join(PAGINATION_KINDS)}")
+        rule.pagination = pagination
+    rule.total = _int_arg(data, "total", None, minimum=0)
+    extra_field = data.get("extra_field")
+    if extra_field is not None:
+        if not isinstance(extra_field, str) or not extra_field.isidentifier():
+            raise BadRequest("extra_field must be a field name (letters, digits, underscores)")
+        if extra_field in _CONTRACT_FIELDS:
+            raise BadRequest(f"extra_field {extra_field!r} is a contract field, not a new one")
+        rule.extra_field = extra_field
     return rule
 
 
@@ -460,8 +495,19 @@ class SandboxApp:
                 return _Answer(rule.status, _error_body(message), headers=headers)
         # The page is cut after any sleep, so it reflects the state when the answer is sent.
         chunks, total = table.page(offset, limit, since_us)
-        if rule is not None and rule.malformed is not None:
-            return self._malformed(rule.malformed, table.resource, chunks, total)
+        if rule is not None:
+            if rule.malformed is not None:
+                return self._malformed(rule.malformed, table.resource, chunks, total)
+            if rule.pagination == "ignore_offset":
+                chunks, total = table.page(0, limit, since_us)
+            elif rule.pagination == "endless":
+                # ``total`` is the real number of matching records: wrap around it.
+                chunks, _ = table.page(offset % total if total else 0, limit, since_us)
+                total = offset + 2 * limit
+            elif rule.total is not None:
+                total = rule.total
+            elif rule.extra_field is not None:
+                chunks = [_with_field(c, rule.extra_field) for c in chunks]
         return _Answer(200, _page_body(chunks, total))
 
     @staticmethod
@@ -745,6 +791,12 @@ class SandboxApp:
             )
         )
         return list(ids)
+
+
+def _with_field(chunk: bytes, name: str) -> bytes:
+    record = orjson.loads(chunk)
+    record[name] = EXTRA_FIELD_VALUE
+    return orjson.dumps(record)
 
 
 def _bad_value_field(resource: CrmResource) -> tuple[str, object]:

@@ -158,8 +158,12 @@ class SandboxClient:
         retry_after: int | str | None = None,
         hang_seconds: float | None = None,
         malformed: str | None = None,
+        pagination: str | None = None,
+        total: int | None = None,
+        extra_field: str | None = None,
     ) -> dict[str, Any]:
-        """Adds one fault rule (exactly one of ``status``, ``hang_seconds``, ``malformed``).
+        """Adds one fault rule (exactly one of ``status``, ``hang_seconds``, ``malformed``,
+        ``pagination``, ``total``, ``extra_field``; see ``crm_assets.sandbox.app.FaultRule``).
 
         It hits ``count`` data requests for ``resource`` (or ``"*"``; only those at ``offset``
         if given) after letting ``after`` of them pass. Returns the stored rule.
@@ -174,6 +178,9 @@ class SandboxClient:
                 "retry_after": retry_after,
                 "hang_seconds": hang_seconds,
                 "malformed": malformed,
+                "pagination": pagination,
+                "total": total,
+                "extra_field": extra_field,
             }
         )
         return self._call("POST", "faults", rule)[0]
