@@ -25,6 +25,7 @@ import datetime as dt
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import dagster as dg
 
@@ -173,6 +174,24 @@ def _busy_resources(context: dg.SensorEvaluationContext) -> set[str]:
     return resources_in_flight(((r.job_name, r.asset_selection) for r in runs), _JOB_RESOURCES)
 
 
+def _change_probe(
+    crm_api: CrmApiResource,
+    warehouse: CrmWarehouseResource,
+    pipeline: Any,
+    resource: CrmResource,
+    cursor: str | None,
+) -> ChangeProbe:
+    """What the API has at/after the cursor (one ``limit=1`` call) and what the warehouse has."""
+    return ChangeProbe(
+        resource=resource.name,
+        cursor=cursor,
+        api_changed_total=crm_api.count_changed(resource, cursor),
+        warehouse_rows_at_or_after_cursor=(
+            warehouse.count_rows_since(pipeline, resource.name, cursor) if cursor else 0
+        ),
+    )
+
+
 def _duckdb_busy(busy: Iterable[str]) -> str:
     # DuckDB has one writer and locks its file against readers in other processes: reading it
     # now would fail, or worse be mistaken for an empty warehouse.
@@ -214,14 +233,7 @@ def build_sensors(settings: CrmSettings) -> list[dg.SensorDefinition]:
             states = warehouse.resource_states(pipeline)
             for resource in candidates:
                 cursor = cursor_of(states.get(resource.name))
-                probe = ChangeProbe(
-                    resource=resource.name,
-                    cursor=cursor,
-                    api_changed_total=crm_api.count_changed(resource, cursor),
-                    warehouse_rows_at_or_after_cursor=(
-                        warehouse.count_rows_since(pipeline, resource.name, cursor) if cursor else 0
-                    ),
-                )
+                probe = _change_probe(crm_api, warehouse, pipeline, resource, cursor)
                 decisions.append(decide_change(probe))
         to_run = sorted(d.resource for d in decisions if d.run)
         if not to_run:
@@ -270,14 +282,7 @@ def build_sensors(settings: CrmSettings) -> list[dg.SensorDefinition]:
                 state = states.get(resource.name) or {}
                 cursor = cursor_of(state)
                 changed = decide_change(
-                    ChangeProbe(
-                        resource.name,
-                        cursor,
-                        crm_api.count_changed(resource, cursor),
-                        warehouse.count_rows_since(pipeline, resource.name, cursor)
-                        if cursor
-                        else 0,
-                    )
+                    _change_probe(crm_api, warehouse, pipeline, resource, cursor)
                 )
                 probe = DriftProbe(
                     resource=resource.name,
