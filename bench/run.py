@@ -1,30 +1,37 @@
 """Benchmark of crm_assets against plain dlt and the I/O limit, on the bundled sandbox CRM API.
 
-For every case (records per resource @ per-request latency in ms) it starts the sandbox and runs,
-``--repeat`` times, in turn:
+For every case (records per resource @ added latency per request, in ms) it starts the sandbox
+and runs, ``--repeat`` times, in turn:
 
-* ``limit``  the I/O limit: the same pages fetched raw, the four resources in parallel
-             (``bench/io_limit.py``: threads + requests + orjson, nothing stored);
-* ``peer``   plain dlt ``rest_api`` with the seed's configuration and default settings
-             (``bench/peer.py``);
-* ``full``   this project's full refresh as users run it:
-             ``dagster job execute -m crm_assets.definitions -j crm_full_refresh_job``;
-* ``incr``   this project's incremental (``crm_incremental_job``) after 1 % of every resource
-             was changed (``sandbox.client.update(resource, fraction=0.01)``) following ``full``.
+* ``limit``    the I/O limit: the same pages fetched raw, the four resources in parallel
+               (``bench/io_limit.py``: one thread + requests session per resource, orjson);
+* ``peer``     plain dlt ``rest_api`` with the seed's configuration and default settings
+               (``bench/peer.py``);
+* ``full``     this project's full refresh as users run it:
+               ``dagster job execute -m crm_assets.definitions -j crm_full_refresh_job``;
+* ``incr``     this project's ``crm_incremental_job`` after 1 % of every resource changed
+               (``sandbox.client.update(resource, fraction=0.01)``), into the warehouse ``full``
+               just loaded;
+* ``full_ip``, ``incr_ip``  the same two jobs with Dagster's in-process executor
+               (``-c`` run config ``execution: {config: {in_process: {}}}``): what the jobs would
+               cost if they ran their steps in one process (see docs/performance.md).
 
 Every runner is a separate child process with its own temporary DuckDB file, dlt directory and
-``DAGSTER_HOME``. Wall time is ``time.perf_counter`` around the child; peak RSS and CPU come from
-the kernel's accounting of the finished child (``os.wait4``, the per-child form of
-``resource.getrusage(RUSAGE_CHILDREN)``: the largest single process among the child and the
-descendants it waited for); requests are counted by the sandbox. After each run the warehouse is
-checked against the API (row counts, newest ``updated_at``), so a fast wrong result cannot win.
-It also times ``import crm_assets.definitions`` against ``import dagster, dlt``.
+``DAGSTER_HOME``. Wall time is ``time.perf_counter`` around the child; CPU and peak RSS are the
+kernel's accounting of the finished child (``os.wait4``, the per-child form of
+``resource.getrusage(RUSAGE_CHILDREN)``): peak RSS is the largest single process among the child
+and the descendants it waited for, not their sum. ``step`` is Dagster's own duration of the sync
+step (from the run's log), i.e. the run without process start-up and the checks. Requests are
+counted by the sandbox. After each run the warehouse is compared with the API (row counts, newest
+``updated_at`` per table), so a fast wrong result cannot pass. Finally it times
+``python -c "import crm_assets.definitions"`` against ``python -c "import dagster, dlt"``.
 
-Medians of the repeats are printed with ratios against the targets of docs/performance.md.
+Medians of the repeats are printed with ratios and the targets of docs/performance.md.
 
-    python bench/run.py                      # the default matrix (about 6-8 min on 2 cores)
-    python bench/run.py --quick              # smoke run, about 1 min
-    python bench/run.py --cases 200000@0 --runners full --repeat 1
+    python bench/run.py                      # the default matrix (about 10 min on 2 cores)
+    python bench/run.py --quick              # smoke run of every runner, about 1 min
+    python bench/run.py --cases 200000@0/full*1
+    python bench/run.py --cases 50000@0,200000@0 --runners full,full_ip
     python bench/run.py --json results.json  # also write every run's figures
 """
 
@@ -32,6 +39,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -53,8 +61,9 @@ BENCH = Path(__file__).resolve().parent
 PYTHON = sys.executable
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
 RUNNERS = ("limit", "peer", "full", "incr", "full_ip", "incr_ip")
-# RECORDS@LATENCY_MS[/runner+runner...]: without a runner list a case runs every runner.
-DEFAULT_CASES = "50000@0,10000@20/limit+peer+full+full_ip,200000@0/full+full_ip"
+# RECORDS@LATENCY_MS[/RUNNER+RUNNER...][*REPEAT]: without a runner list a case runs every runner,
+# without *REPEAT it runs --repeat times.
+DEFAULT_CASES = "50000@0,10000@20/limit+peer+full+full_ip,200000@0/full*1"
 QUICK_CASES = "2000@0,1000@20/limit+peer+full+full_ip"
 # The in-process executor (runners *_ip): run config selecting it for `dagster job execute -c`.
 IN_PROCESS_CONFIG = "execution:\n  config:\n    in_process: {}\n"
@@ -83,6 +92,7 @@ class Case:
     records: int
     latency_ms: int
     runners: tuple[str, ...] = RUNNERS
+    repeat: int | None = None
 
     @property
     def label(self) -> str:
@@ -120,14 +130,26 @@ class CaseResult:
 def parse_cases(spec: str) -> list[Case]:
     cases = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
+        item, _, repeat = item.partition("*")
         spec, _, runners = item.partition("/")
         records, _, latency = spec.partition("@")
         chosen = tuple(r for r in runners.split("+") if r) if runners else RUNNERS
         unknown = set(chosen) - set(RUNNERS)
         if unknown:
             raise ValueError(f"unknown runners {sorted(unknown)} in {item!r}")
-        cases.append(Case(int(records.replace("_", "")), int(latency or 0), chosen))
+        cases.append(
+            Case(
+                int(records.replace("_", "")),
+                int(latency or 0),
+                chosen,
+                int(repeat) if repeat else None,
+            )
+        )
     return cases
+
+
+# The source tree whose crm_assets the Dagster runners and the import timing use (--project).
+PROJECT = {"root": ROOT}
 
 
 def clean_env() -> dict[str, str]:
@@ -136,7 +158,8 @@ def clean_env() -> dict[str, str]:
         for k, v in os.environ.items()
         if not k.startswith(_SCRUBBED_PREFIXES) and k not in _SCRUBBED_NAMES
     }
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    root = str(PROJECT["root"])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
 
 
@@ -200,11 +223,10 @@ def step_seconds(log: Path, since: int) -> float | None:
 class Bench:
     """Runs the runners of one case against one sandbox."""
 
-    def __init__(self, sandbox: SandboxServer, case: Case, workdir: Path, verbose: bool) -> None:
+    def __init__(self, sandbox: SandboxServer, case: Case, workdir: Path) -> None:
         self.sandbox = sandbox
         self.case = case
         self.workdir = workdir
-        self.verbose = verbose
         self.total = case.records * len(RESOURCE_NAMES)
 
     def _requests(self) -> int:
@@ -306,12 +328,12 @@ def run_case(
     repeat: int,
     peer_max_records: int,
     workdir: Path,
-    verbose: bool,
 ) -> CaseResult:
-    bench = Bench(sandbox, case, workdir, verbose)
+    bench = Bench(sandbox, case, workdir)
     result = CaseResult(case)
     sandbox.client.reset()
     sandbox.client.set_latency(case.latency_ms)
+    repeat = case.repeat or repeat
     for index in range(repeat):
         produced: list[RunResult] = []
         runners = [r for r in runners if r in case.runners]
@@ -469,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--cases",
         default=None,
-        help=f"RECORDS@LATENCY_MS[/RUNNER+RUNNER],... (default {DEFAULT_CASES})",
+        help=f"RECORDS@LATENCY_MS[/RUNNER+RUNNER][*REPEAT],... (default {DEFAULT_CASES})",
     )
     parser.add_argument(
         "--runners",
@@ -491,11 +513,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help=f"smoke run: --cases {QUICK_CASES} --repeat 1 --import-repeat 3",
     )
+    parser.add_argument(
+        "--project",
+        type=Path,
+        help="run this source tree's crm_assets in the Dagster runners and the import timing, "
+        "e.g. an older commit exported with `git archive <commit> | tar -x -C DIR` (before/after)",
+    )
     parser.add_argument("--json", type=Path, help="write every run's figures to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directories")
-    parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    cases = parse_cases(args.cases or (QUICK_CASES if args.quick else DEFAULT_CASES))
+    try:
+        cases = parse_cases(args.cases or (QUICK_CASES if args.quick else DEFAULT_CASES))
+    except ValueError as exc:
+        parser.error(str(exc))
     repeat = args.repeat or (1 if args.quick else 3)
     import_repeat = (
         args.import_repeat if args.import_repeat is not None else (3 if args.quick else 7)
@@ -505,11 +535,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown runners {sorted(unknown)}; known: {', '.join(RUNNERS)}")
 
+    if args.project:
+        PROJECT["root"] = args.project.resolve()
     started = time.perf_counter()
     print(
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; cases: "
         f"{', '.join(c.label for c in cases)}; runners: {', '.join(runners)}; "
-        f"repeat {repeat}",
+        f"repeat {repeat}; crm_assets from {PROJECT['root']}",
         flush=True,
     )
     workdir = Path(tempfile.mkdtemp(prefix="crm-bench-"))
@@ -534,13 +566,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                             repeat,
                             args.peer_max_records,
                             workdir,
-                            args.verbose,
                         )
                     )
         imports = time_imports(import_repeat) if import_repeat else None
     finally:
         if not args.keep:
-            subprocess.run(["rm", "-rf", str(workdir)], check=False)
+            shutil.rmtree(workdir, ignore_errors=True)
         else:
             print(f"kept {workdir}")
     results.sort(key=lambda r: (r.case.latency_ms, r.case.records))

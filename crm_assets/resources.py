@@ -266,8 +266,9 @@ class CrmApiResource(dg.ConfigurableResource):
 # The one place where crm_assets tunes dlt; docs/performance.md has the measurements behind each
 # value. They reach dlt through a config provider that answers only for this project's pipeline
 # (``PIPELINE_NAME``) and only while ``CrmWarehouseResource.pipeline()`` is open: nothing is
-# written to the environment, and dlt's own configuration (env vars such as NORMALIZE__WORKERS,
-# .dlt/config.toml) is consulted first, so an operator can still override every value.
+# written to the environment. dlt consults its own providers first, so an operator overrides a
+# value with dlt's pipeline-scoped form, e.g. ``CRM__NORMALIZE__WORKERS=2`` or ``[crm.normalize]``
+# in .dlt/config.toml (a plain ``NORMALIZE__WORKERS`` is less specific and does not win).
 
 # DuckDB sizes its buffer pool to 80 % of the machine's memory: the load step of a 4 x 200k full
 # refresh then held ~0.8 GB. With a limit it streams (and spills to ``<db>.tmp`` if it must).
