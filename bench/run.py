@@ -82,7 +82,9 @@ _SCRUBBED_PREFIXES = (
     "SOURCES__",
 )
 _SCRUBBED_NAMES = ("DAGSTER_HOME", "DLT_DATA_DIR", "DLT_PROJECT_DIR", "API_KEY")
-_STEP_RE = re.compile(r'Finished execution of step "crm_dlt_assets" in ([0-9.]+)(ms|s|m)\b')
+_STEP_RE = re.compile(r'Finished execution of step "crm_dlt_assets" in ([0-9hms.]+)\.')
+_DURATION_PART_RE = re.compile(r"([0-9.]+)(ms|h|m|s)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 @dataclass(frozen=True)
@@ -211,13 +213,13 @@ def warehouse_matches(duckdb_path: Path, sandbox: SandboxServer) -> tuple[bool, 
 
 
 def step_seconds(log: Path, since: int) -> float | None:
-    """Duration of the Dagster step as Dagster reports it (from the run's output)."""
+    """Duration of the sync step as Dagster logs it (``850ms``, ``12.5s``, ``1m5s``)."""
     text = log.read_bytes()[since:].decode("utf-8", "replace")
     match = _STEP_RE.search(text)
     if not match:
         return None
-    value, unit = float(match.group(1)), match.group(2)
-    return value / 1000 if unit == "ms" else value * 60 if unit == "m" else value
+    parts = _DURATION_PART_RE.findall(match.group(1))
+    return sum(float(value) * _UNIT_SECONDS[unit] for value, unit in parts) if parts else None
 
 
 class Bench:
